@@ -1,0 +1,97 @@
+"""Per-example clipping (DP-SGD style) as a transform over a leading batch axis."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtransforms import _checks
+from gradtransforms import _numerics as num
+from gradtransforms._metrics import register
+
+
+@register("per_example_clip", ("clip_fraction", "mean_norm", "max_norm"))
+class PerExampleClipState(NamedTuple):
+  """Last step: fraction of examples clipped, mean and max per-example norm."""
+  clip_fraction: jax.Array
+  mean_norm: jax.Array
+  max_norm: jax.Array
+
+
+def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
+                     axis_name: str | None = None
+                     ) -> optax.GradientTransformation:
+  """Clips each example's gradient to a global L2 norm, then sums or averages.
+
+  Every update leaf has a leading batch axis ``B`` (e.g. from
+  ``jax.vmap(jax.grad(loss))``). For example ``b`` with global norm ``n_b``
+  over all leaves: ``s_b = min(1, C / n_b)`` and the output (without the
+  batch axis) is ``sum_b s_b g_b`` (``reduce="sum"``, as
+  ``optax.per_example_global_norm_clip``) or that sum over ``B``
+  (``reduce="mean"``, the default, so a following optimizer sees the usual
+  gradient scale). Abadi et al., 2016, "Deep Learning with Differential
+  Privacy" (no noise is added here: chain a noise transform for DP).
+
+  An example with a non-finite norm is not scaled, so its Inf/NaN reaches the
+  output where a guard can see it.
+
+  State: :class:`PerExampleClipState` of the last step.
+
+  Args:
+    l2_norm_clip: the per-example bound ``C``, >= 0.
+    reduce: ``"mean"`` or ``"sum"`` over the batch.
+    axis_name: if the batch is split over this ``shard_map``/``pmap`` axis,
+      the sums (and the batch size, for the mean) are ``psum``-ed over it.
+  """
+  _checks.nonnegative("l2_norm_clip", l2_norm_clip)
+  _checks.one_of("reduce", reduce, ("mean", "sum"))
+
+  def init_fn(params):
+    del params
+    z = jnp.zeros((), jnp.float32)
+    return PerExampleClipState(z, z, z)
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    _checks.float_leaves("updates", updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
+      raise ValueError(
+          "per_example_clip: every leaf of updates needs the same non-empty "
+          f"leading batch axis, got leading sizes {sorted(map(str, sizes))}")
+    batch = sizes.pop()
+
+    def sq(x):
+      x = x.astype(num.acc_dtype(x))
+      return jnp.sum(x * x, axis=tuple(range(1, x.ndim))).astype(jnp.float32)
+
+    norms = jnp.sqrt(sum(sq(x) for x in leaves))
+    s = num.clip_scale(norms, l2_norm_clip)
+
+    def aggregate(x):
+      acc = num.acc_dtype(x)
+      w = s.astype(acc).reshape((batch,) + (1,) * (x.ndim - 1))
+      total = jnp.sum(x.astype(acc) * w, axis=0)
+      if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+      return total
+
+    n = jnp.asarray(batch, jnp.float32)
+    clipped = jnp.sum((s < 1).astype(jnp.float32))
+    norm_sum, norm_max = jnp.sum(norms), jnp.max(norms)
+    if axis_name is not None:
+      n = jax.lax.psum(n, axis_name)
+      clipped = jax.lax.psum(clipped, axis_name)
+      norm_sum = jax.lax.psum(norm_sum, axis_name)
+      norm_max = jax.lax.pmax(norm_max, axis_name)
+    inv = 1.0 / n if reduce == "mean" else jnp.ones((), jnp.float32)
+    out = [(aggregate(x) * inv.astype(num.acc_dtype(x))).astype(x.dtype)
+           for x in leaves]
+    new_state = PerExampleClipState(clipped / n, norm_sum / n, norm_max)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,239 @@
+"""Static clipping: by value, global norm, per-leaf norm, block RMS, unit-wise AGC.
+
+Non-finite input, one rule for all of them: a clip never repairs or spreads
+Inf/NaN. Where a norm is non-finite its scale is 1, so the update passes
+through unchanged (finite leaves stay finite, an Inf is not turned into NaN,
+0/0 never happens) and a downstream :func:`gradtransforms.guard` can act on
+it. The non-finite norm is recorded in the state for logging; no later step
+depends on it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtransforms import _checks
+from gradtransforms import _numerics as num
+from gradtransforms._metrics import register
+
+
+@register("clip_by_global_norm", ("norm", "scale"))
+class ClipByGlobalNormState(NamedTuple):
+  """Figures of the last step: pre-clip global norm and the applied scale."""
+  norm: jax.Array
+  scale: jax.Array
+
+
+@register("clip_by_leaf_norm", ("norm", "scale"))
+class ClipByLeafNormState(NamedTuple):
+  """Per-leaf pre-clip L2 norms and scales (trees of scalars)."""
+  norm: optax.Updates
+  scale: optax.Updates
+
+
+@register("clip_by_block_rms", ("rms", "scale"))
+class ClipByBlockRMSState(NamedTuple):
+  """Per-leaf pre-clip RMS and scales (trees of scalars)."""
+  rms: optax.Updates
+  scale: optax.Updates
+
+
+@register("adaptive_grad_clip", ("clip_fraction",))
+class AdaptiveGradClipState(NamedTuple):
+  """Per-leaf fraction of units that were clipped at the last step."""
+  clip_fraction: optax.Updates
+
+
+def _scalar_tree(params) -> optax.Updates:
+  return jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+
+
+def _ones_tree(params) -> optax.Updates:
+  return jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
+
+
+def clip_by_value(max_abs: float) -> optax.GradientTransformation:
+  """Clips every element to ``[-max_abs, max_abs]``.
+
+  ``u <- clip(u, -max_abs, max_abs)``; the same numbers as ``optax.clip``.
+  NaN stays NaN, +-Inf become +-max_abs. State: empty.
+
+  Args:
+    max_abs: the bound, >= 0.
+  """
+  _checks.nonnegative("max_abs", max_abs)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _checks.float_leaves("updates", updates)
+    return jax.tree.map(
+        lambda u: jnp.clip(u, -jnp.asarray(max_abs, u.dtype),
+                           jnp.asarray(max_abs, u.dtype)), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
+                        ) -> optax.GradientTransformation:
+  """Scales the whole update so its global L2 norm is at most ``max_norm``.
+
+  ``n = sqrt(sum_leaves sum u**2)``, ``s = max_norm / n if n > max_norm else 1``,
+  ``u <- s * u`` (Pascanu et al., 2013, "On the difficulty of training
+  recurrent neural networks"). The same numbers as
+  ``optax.clip_by_global_norm`` and ``torch.nn.utils.clip_grad_norm_`` on
+  finite input, at about one extra read of the update: the scale is a scalar
+  multiplied in, not an elementwise divide.
+
+  Norms accumulate in float32; output dtypes equal input dtypes. A zero update
+  stays zero; ``max_norm = 0`` zeroes the update. A non-finite norm leaves the
+  update unchanged (see module doc).
+
+  State: :class:`ClipByGlobalNormState` ``(norm, scale)`` of the last step.
+
+  Args:
+    max_norm: the bound, >= 0.
+    axis_name: inside ``shard_map``/``pmap`` with leaves sharded over this
+      axis, the squared norms are summed over it so all devices agree. Leave
+      None for replicated (data-parallel, already averaged) gradients.
+  """
+  _checks.nonnegative("max_norm", max_norm)
+
+  def init_fn(params):
+    del params
+    return ClipByGlobalNormState(jnp.zeros((), jnp.float32),
+                                 jnp.ones((), jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    _checks.float_leaves("updates", updates)
+    norm = num.global_norm(updates, axis_name)
+    s = num.clip_scale(norm, max_norm)
+    return num.scale_tree(updates, s), ClipByGlobalNormState(norm, s)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_leaf_norm(max_norm: float, *, axis_name: str | None = None
+                      ) -> optax.GradientTransformation:
+  """Scales each leaf (tensor) separately to an L2 norm of at most ``max_norm``.
+
+  ``n_i = ||u_i||_2``, ``u_i <- u_i * (max_norm / n_i if n_i > max_norm else 1)``.
+
+  State: :class:`ClipByLeafNormState`, per-leaf ``norm`` and ``scale``.
+
+  Args:
+    max_norm: the bound for every leaf, >= 0.
+    axis_name: as in :func:`clip_by_global_norm`.
+  """
+  _checks.nonnegative("max_norm", max_norm)
+
+  def init_fn(params):
+    return ClipByLeafNormState(_scalar_tree(params), _ones_tree(params))
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    _checks.float_leaves("updates", updates)
+    _, leaf_norm = num.tree_norms(updates, axis_name)
+    s = jax.tree.map(lambda n: num.clip_scale(n, max_norm), leaf_norm)
+    return num.scale_tree(updates, s), ClipByLeafNormState(leaf_norm, s)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_block_rms(threshold: float, *, axis_name: str | None = None
+                      ) -> optax.GradientTransformation:
+  """Scales each leaf so its root-mean-square is at most ``threshold``.
+
+  ``r_i = sqrt(mean(u_i**2))``, ``u_i <- u_i / max(1, r_i / threshold)``;
+  the same numbers as ``optax.clip_by_block_rms`` (computed as a multiply).
+
+  State: :class:`ClipByBlockRMSState`, per-leaf ``rms`` and ``scale``.
+
+  Args:
+    threshold: the RMS bound, >= 0.
+    axis_name: as in :func:`clip_by_global_norm`; the element count is summed
+      over the axis too.
+  """
+  _checks.nonnegative("threshold", threshold)
+
+  def init_fn(params):
+    return ClipByBlockRMSState(_scalar_tree(params), _ones_tree(params))
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    _checks.float_leaves("updates", updates)
+    _, leaf_norm = num.tree_norms(updates, axis_name)
+
+    def rms(u, n):
+      size = jnp.asarray(max(u.size, 1), jnp.float32)
+      if axis_name is not None:
+        size = jax.lax.psum(size, axis_name)
+      return n / jnp.sqrt(size)
+
+    r = jax.tree.map(rms, updates, leaf_norm)
+    s = jax.tree.map(lambda x: num.clip_scale(x, threshold), r)
+    return num.scale_tree(updates, s), ClipByBlockRMSState(r, s)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _unit_axes(x: jax.Array) -> tuple[int, ...]:
+  """Axes summed over for a unit-wise norm: all but the last (output) one."""
+  if x.ndim <= 1:
+    return tuple(range(x.ndim))
+  if x.ndim <= 4:
+    return tuple(range(x.ndim - 1))
+  raise ValueError(
+      f"adaptive_grad_clip supports leaves of rank <= 4, got shape {x.shape}")
+
+
+def _unit_norm(x: jax.Array) -> jax.Array:
+  x = x.astype(num.acc_dtype(x))
+  return jnp.sqrt(jnp.sum(x * x, axis=_unit_axes(x), keepdims=True))
+
+
+def adaptive_grad_clip(clipping: float, eps: float = 1e-3
+                       ) -> optax.GradientTransformation:
+  """Unit-wise adaptive gradient clipping (AGC).
+
+  For each unit (output column) ``j`` of each leaf, with ``W`` the params:
+  ``m_j = clipping * max(||W_j||, eps)``,
+  ``g_j <- g_j * m_j / max(||g_j||, 1e-6)`` where ``||g_j|| > m_j``.
+  Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
+  Normalization". The same numbers as ``optax.adaptive_grad_clip``. Units
+  are the last axis for leaves of rank 2-4; scalars and vectors form one unit.
+  Non-finite units pass through unchanged.
+
+  State: :class:`AdaptiveGradClipState`, per-leaf fraction of clipped units.
+
+  Args:
+    clipping: the ratio of gradient to parameter norm allowed, >= 0.
+    eps: the floor of the parameter norm (so zero-initialised units can move).
+  """
+  _checks.nonnegative("clipping", clipping)
+  _checks.nonnegative("eps", eps)
+
+  def init_fn(params):
+    return AdaptiveGradClipState(_scalar_tree(params))
+
+  def update_fn(updates, state, params=None):
+    del state
+    _checks.needs_params("adaptive_grad_clip", params)
+    _checks.float_leaves("updates", updates)
+
+    def unit_scale(g, p):
+      g_norm, p_norm = _unit_norm(g), _unit_norm(p)
+      max_norm = clipping * jnp.maximum(p_norm, eps)
+      clip = jnp.isfinite(g_norm) & (g_norm > max_norm)
+      return jnp.where(clip, max_norm / jnp.maximum(g_norm, 1e-6), 1.0)
+
+    scales = jax.tree.map(unit_scale, updates, params)
+    new = jax.tree.map(num.scale, updates, scales)
+    frac = jax.tree.map(lambda s: jnp.mean((s < 1).astype(jnp.float32)), scales)
+    return new, AdaptiveGradClipState(frac)
+
+  return optax.GradientTransformation(init_fn, update_fn)

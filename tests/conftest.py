@@ -1,0 +1,35 @@
+"""Shared fixtures. 8 host devices for the sharding tests: set before JAX loads."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def random_tree(seed: int = 0, scale: float = 1.0, dtype=jnp.float32):
+  """A small pytree with leaves of rank 0-4 (nested dict, list, tuple)."""
+  rng = np.random.default_rng(seed)
+  shapes = {"dense": {"w": (6, 5), "b": (5,)}, "conv": [(3, 3, 2, 4), (4,)],
+            "scalar": (), "emb": ((7, 3),)}
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(size=s) * scale, dtype), shapes,
+      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
+
+
+@pytest.fixture
+def tree():
+  return random_tree(0, scale=2.0)
+
+
+def np_leaves(t):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]
+
+
+def np_global_norm(t):
+  return float(np.sqrt(sum(np.sum(x * x) for x in np_leaves(t))))

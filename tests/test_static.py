@@ -1,0 +1,214 @@
+"""Static clipping family against optax / NumPy references and properties."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import np_global_norm, np_leaves, random_tree
+
+import gradtransforms as gt
+
+
+def run(tx, updates, params=None):
+  state = tx.init(params if params is not None else updates)
+  return jax.jit(tx.update)(updates, state, params)
+
+
+@pytest.mark.parametrize("seed,bound", [(0, 1.0), (1, 100.0), (2, 0.3)])
+def test_global_norm_matches_optax(seed, bound):
+  t = random_tree(seed, scale=3.0)
+  ours, state = run(gt.clip_by_global_norm(bound), t)
+  ref, _ = run(optax.clip_by_global_norm(bound), t)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-6, atol=1e-7)
+  n = np_global_norm(t)
+  np.testing.assert_allclose(state.norm, n, rtol=1e-6)
+  np.testing.assert_allclose(state.scale, min(1.0, bound / n), rtol=1e-6)
+
+
+def test_global_norm_matches_torch_formula(tree):
+  # torch.nn.utils.clip_grad_norm_: g * min(1, max_norm / (norm + 1e-6)).
+  n = np_global_norm(tree)
+  ours, _ = run(gt.clip_by_global_norm(0.5), tree)
+  for o, r in zip(np_leaves(ours), np_leaves(tree)):
+    np.testing.assert_allclose(o, r * min(1, 0.5 / (n + 1e-6)), rtol=1e-5)
+
+
+def test_global_norm_properties(tree):
+  clipped, _ = run(gt.clip_by_global_norm(1.0), tree)
+  assert np_global_norm(clipped) <= 1.0 + 1e-6
+  # direction kept: every leaf is the same positive multiple of the input.
+  ratios = [o / r for o, r in zip(np_leaves(clipped), np_leaves(tree))]
+  np.testing.assert_allclose(np.concatenate([x.ravel() for x in ratios]),
+                             ratios[0].ravel()[0], rtol=1e-6)
+  again, _ = run(gt.clip_by_global_norm(1.0), clipped)
+  chex.assert_trees_all_close(again, clipped, rtol=1e-6)  # idempotent
+  chex.assert_trees_all_equal_structs(clipped, tree)
+
+
+def test_leaf_norm_matches_numpy(tree):
+  ours, state = run(gt.clip_by_leaf_norm(1.5), tree)
+  for o, r in zip(np_leaves(ours), np_leaves(tree)):
+    n = np.sqrt(np.sum(r * r))
+    np.testing.assert_allclose(o, r * min(1.0, 1.5 / n), rtol=1e-5, atol=1e-7)
+    assert np.sqrt(np.sum(o * o)) <= 1.5 * (1 + 1e-6)
+  m = gt.metrics(state)
+  assert set(m) == {f"clip_by_leaf_norm/{f}/{k}" for f in ("norm", "scale")
+                    for k in gt.leaf_names(tree)}
+  np.testing.assert_allclose(m["clip_by_leaf_norm/norm/dense/w"],
+                             np.linalg.norm(np.asarray(tree["dense"]["w"])),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0, 10.0])
+def test_block_rms_matches_optax(tree, threshold):
+  ours, _ = run(gt.clip_by_block_rms(threshold), tree)
+  ref, _ = run(optax.clip_by_block_rms(threshold), tree)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_clip_by_value_matches_optax(tree):
+  ours, _ = run(gt.clip_by_value(0.7), tree)
+  ref, _ = run(optax.clip(0.7), tree)
+  chex.assert_trees_all_equal(ours, ref)
+
+
+@pytest.mark.parametrize("clipping", [0.01, 0.1, 1.0])
+def test_agc_matches_optax(clipping):
+  g, p = random_tree(3, scale=2.0), random_tree(4)
+  ours, state = run(gt.adaptive_grad_clip(clipping), g, p)
+  ref, _ = run(optax.adaptive_grad_clip(clipping), g, p)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-7)
+  frac = gt.metrics(state)["adaptive_grad_clip/clip_fraction/dense/w"]
+  gw, pw = np.asarray(g["dense"]["w"]), np.asarray(p["dense"]["w"])
+  expect = np.mean(np.linalg.norm(gw, axis=0) >
+                   clipping * np.maximum(np.linalg.norm(pw, axis=0), 1e-3))
+  np.testing.assert_allclose(frac, expect)
+
+
+def test_agc_needs_params(tree):
+  tx = gt.adaptive_grad_clip(0.1)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(tree, tx.init(tree))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_per_example_matches_optax(reduce):
+  batch = jax.tree.map(lambda x: jnp.stack([x * (i + 1) for i in range(4)]),
+                       random_tree(5))
+  ours, state = run(gt.per_example_clip(3.0, reduce=reduce), batch,
+                    random_tree(5))
+  leaves, treedef = jax.tree.flatten(batch)
+  ref_sum, num_clipped = optax.per_example_global_norm_clip(leaves, 3.0)
+  ref = jax.tree.unflatten(treedef, ref_sum)
+  if reduce == "mean":
+    ref = jax.tree.map(lambda x: x / 4, ref)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.clip_fraction, num_clipped / 4)
+
+
+def test_per_example_rejects_mismatched_batch():
+  tx = gt.per_example_clip(1.0)
+  bad = {"a": jnp.ones((4, 2)), "b": jnp.ones((3, 2))}
+  with pytest.raises(ValueError, match="leading batch axis"):
+    tx.update(bad, tx.init(bad))
+
+
+# --- edge cases and non-finite input ----------------------------------------
+
+
+def test_zero_update_and_zero_bound(tree):
+  zeros = jax.tree.map(jnp.zeros_like, tree)
+  for tx in (gt.clip_by_global_norm(1.0), gt.clip_by_leaf_norm(1.0),
+             gt.clip_by_block_rms(1.0), gt.clip_by_global_norm(0.0)):
+    out, _ = run(tx, zeros)
+    chex.assert_trees_all_equal(out, zeros)  # no 0/0
+  out, state = run(gt.clip_by_global_norm(0.0), tree)
+  assert all(np.all(x == 0) for x in np_leaves(out))
+  assert float(state.scale) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_nonfinite_passes_through_unscaled(tree, bad):
+  t = dict(tree, scalar=jnp.asarray(bad, jnp.float32))
+  for tx, per_leaf in ((gt.clip_by_global_norm(1.0), False),
+                       (gt.clip_by_leaf_norm(1.0), True),
+                       (gt.clip_by_block_rms(1.0), True)):
+    out, state = run(tx, t)
+    # Global: the whole update passes unscaled. Per-leaf: finite leaves are
+    # clipped as usual. The bad leaf is unchanged (Inf stays Inf, not NaN).
+    expect = run(tx, {"dense": t["dense"]})[0]["dense"] if per_leaf else t["dense"]
+    chex.assert_trees_all_close(out["dense"], expect, rtol=1e-6)
+    np.testing.assert_array_equal(out["scalar"], t["scalar"])
+    assert not all(np.all(np.isfinite(np.asarray(v)))
+                   for v in gt.metrics(state).values())
+
+
+def test_norm_beyond_float32_range_reads_as_inf_and_passes_unchanged():
+  big = {"a": jnp.full((8,), 1e25, jnp.float32), "b": jnp.ones((3,))}
+  out, state = run(gt.clip_by_global_norm(1.0), big)
+  assert np.isposinf(state.norm) and float(state.scale) == 1.0
+  chex.assert_trees_all_equal(out, big)  # no NaN created
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_low_precision_dtypes_kept_and_norm_in_f32(dtype):
+  # 300**2 * 64 overflows float16 (max 65504) if squared in float16.
+  t = {"w": jnp.full((8, 8), 300.0, dtype), "b": jnp.ones((4,), dtype)}
+  for tx in (gt.clip_by_global_norm(1.0), gt.clip_by_leaf_norm(1.0),
+             gt.clip_by_block_rms(1.0), gt.clip_by_value(1.0)):
+    out, state = run(tx, t)
+    assert jax.tree.map(lambda x: x.dtype, out) == jax.tree.map(
+        lambda x: x.dtype, t)
+    assert all(np.all(np.isfinite(np.asarray(x, np.float32)))
+               for x in jax.tree.leaves(out))
+  _, state = run(gt.clip_by_global_norm(1.0), t)
+  assert state.norm.dtype == jnp.float32
+  np.testing.assert_allclose(state.norm, np.sqrt(64 * 300.0**2 + 4), rtol=1e-3)
+
+
+# --- composition ---------------------------------------------------------------
+
+
+def test_chain_with_adam_and_injected_threshold(tree):
+  tx = optax.chain(optax.inject_hyperparams(gt.clip_by_global_norm)(max_norm=1.0),
+                   optax.sgd(1.0))
+  state = tx.init(tree)
+  step = jax.jit(tx.update)
+  out, state = step(tree, state, tree)
+  np.testing.assert_allclose(np_global_norm(out), 1.0, rtol=1e-5)
+  state[0].hyperparams["max_norm"] = jnp.asarray(0.25, jnp.float32)  # changed, no recompile
+  out, state = step(tree, state, tree)
+  np.testing.assert_allclose(np_global_norm(out), 0.25, rtol=1e-5)
+  assert step._cache_size() == 1
+  m = gt.metrics(state)
+  np.testing.assert_allclose(m["clip_by_global_norm/scale"],
+                             0.25 / np_global_norm(tree), rtol=1e-5)
+
+
+# --- bad arguments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,arg", [
+    (lambda: gt.clip_by_global_norm(-1.0), "max_norm"),
+    (lambda: gt.clip_by_leaf_norm(-0.1), "max_norm"),
+    (lambda: gt.clip_by_block_rms(-2), "threshold"),
+    (lambda: gt.clip_by_value(-1), "max_abs"),
+    (lambda: gt.adaptive_grad_clip(-1.0), "clipping"),
+    (lambda: gt.per_example_clip(-1.0), "l2_norm_clip"),
+    (lambda: gt.per_example_clip(1.0, reduce="median"), "reduce"),
+    (lambda: gt.clip_by_global_norm(float("nan")), "max_norm"),
+])
+def test_bad_arguments_raise_value_error(make, arg):
+  with pytest.raises(ValueError, match=arg):
+    make()
+
+
+def test_non_numeric_threshold_and_int_grads_raise_type_error():
+  with pytest.raises(TypeError, match="max_norm"):
+    gt.clip_by_global_norm("1.0")
+  tx = gt.clip_by_global_norm(1.0)
+  ints = {"a": jnp.ones((3,), jnp.int32)}
+  with pytest.raises(TypeError, match="updates"):
+    tx.update(ints, tx.init(ints))
