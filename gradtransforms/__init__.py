@@ -5,7 +5,17 @@ reads every figure they keep.
 """
 
 from gradtransforms._metrics import leaf_names, metrics
+from gradtransforms.adagc import AdaGCState, adagc
+from gradtransforms.autoclip import AutoClipState, autoclip
+from gradtransforms.clippy import ClippyState, clippy
 from gradtransforms.per_example import PerExampleClipState, per_example_clip
+from gradtransforms.quantile import QuantileClipState, quantile_clip
+from gradtransforms.spam import (
+    MomentResetState,
+    SpikeClipState,
+    spike_clip,
+    with_moment_reset,
+)
 from gradtransforms.static import (
     AdaptiveGradClipState,
     ClipByBlockRMSState,
@@ -17,5 +27,6 @@ from gradtransforms.static import (
     clip_by_leaf_norm,
     clip_by_value,
 )
+from gradtransforms.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"

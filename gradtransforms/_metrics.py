@@ -62,6 +62,21 @@ def _unwrap(tree: Any) -> Any:
                       is_leaf=_is_variable)
 
 
+def _find(tree: Any, prefix: tuple):
+  """Yields (path, state) for registered states, wrappers' inner ones too."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: type(x) in _REGISTRY)
+  for path, state in flat:
+    if type(state) not in _REGISTRY:
+      continue
+    yield prefix + path, state
+    figures = _REGISTRY[type(state)][1]
+    for field in state._fields:
+      if field not in figures:
+        yield from _find(getattr(state, field),
+                         prefix + path + (jax.tree_util.GetAttrKey(field),))
+
+
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
   """Flat ``{name: array}`` of every figure in any gradtransforms state.
 
@@ -76,9 +91,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   if hasattr(opt_state, "opt_state") and hasattr(opt_state, "model"):
     opt_state = opt_state.opt_state  # an nnx.Optimizer
   opt_state = _unwrap(opt_state)
-  found, _ = jax.tree_util.tree_flatten_with_path(
-      opt_state, is_leaf=lambda x: type(x) in _REGISTRY)
-  found = [(p, s) for p, s in found if type(s) in _REGISTRY]
+  found = list(_find(opt_state, ()))
   names = [_REGISTRY[type(s)][0] for _, s in found]
   out: dict[str, jax.Array] = {}
   for (path, state), name in zip(found, names):

@@ -1,0 +1,61 @@
+"""Clippy: clip each tensor's update relative to its weights."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtransforms import _checks
+from gradtransforms import _numerics as num
+from gradtransforms._metrics import register
+
+
+@register("clippy", ("scale",))
+class ClippyState(NamedTuple):
+  """Per-leaf scale applied at the last step (1 = not clipped)."""
+  scale: optax.Updates
+
+
+def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2
+           ) -> optax.GradientTransformation:
+  """Clippy (Tang et al., 2023, "Improving Training Stability for Multitask
+  Ranking Models in Recommender Systems").
+
+  Bounds every entry of the *update* ``u`` (chain it after the optimizer, so
+  ``u`` includes the learning rate) by ``relative_factor * |w| +
+  absolute_factor``, with one scale per tensor so its direction is kept:
+  ``sigma_i = min(1, min_j (relative_factor |w_ij| + absolute_factor) / |u_ij|)``,
+  ``u_i <- sigma_i * u_i``.
+
+  A tensor whose update has a non-finite entry passes unchanged.
+
+  State: :class:`ClippyState`, per-leaf ``scale``.
+
+  Args:
+    relative_factor: lambda_rel >= 0.
+    absolute_factor: lambda_abs > 0 (keeps zero weights movable).
+  """
+  _checks.nonnegative("relative_factor", relative_factor)
+  _checks.positive("absolute_factor", absolute_factor)
+
+  def init_fn(params):
+    return ClippyState(jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
+
+  def update_fn(updates, state, params=None):
+    del state
+    _checks.needs_params("clippy", params)
+    _checks.float_leaves("updates", updates)
+
+    def one(u, w):
+      acc = num.acc_dtype(u)
+      bound = relative_factor * jnp.abs(w.astype(acc)) + absolute_factor
+      ratio = jnp.max(jnp.abs(u.astype(acc)) / bound).astype(jnp.float32)
+      return jnp.where(jnp.isfinite(ratio) & (ratio > 1), 1.0 / ratio, 1.0)
+
+    scales = jax.tree.map(one, updates, params)
+    return num.scale_tree(updates, scales), ClippyState(scales)
+
+  return optax.GradientTransformation(init_fn, update_fn)

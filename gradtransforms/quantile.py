@@ -1,0 +1,69 @@
+"""Geometric adaptive clipping to a target quantile of the norm distribution."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtransforms import _checks
+from gradtransforms import _numerics as num
+from gradtransforms._metrics import register
+
+
+@register("quantile_clip", ("norm", "threshold", "clipped"))
+class QuantileClipState(NamedTuple):
+  """``threshold``: the bound used at the last step; ``clip``: the next one."""
+  clip: jax.Array
+  norm: jax.Array
+  threshold: jax.Array
+  clipped: jax.Array
+
+
+def quantile_clip(target_quantile: float = 0.5, learning_rate: float = 0.2,
+                  initial_clip: float = 1.0, *, axis_name: str | None = None
+                  ) -> optax.GradientTransformation:
+  """Adaptive clipping by online quantile estimation (non-private variant of
+  Andrew et al., 2021, "Differentially Private Learning with Adaptive
+  Clipping").
+
+  ``n_t = ||g_t||``, ``g_t <- g_t * min(1, C_t / n_t)``, ``b_t = [n_t <= C_t]``,
+  ``C_{t+1} = C_t * exp(-learning_rate * (b_t - target_quantile))``.
+  ``C`` converges to the ``target_quantile`` quantile of the norms. (The
+  paper averages ``b`` over a batch's per-example norms and adds noise; here
+  ``b`` is the step's global-norm indicator and no noise is added.)
+
+  A non-finite norm leaves ``C`` unchanged and its update passes unchanged.
+
+  State: :class:`QuantileClipState`. Defaults are the paper's.
+
+  Args:
+    target_quantile: gamma in [0, 1].
+    learning_rate: eta > 0 of the geometric update.
+    initial_clip: C_0 > 0.
+    axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
+  """
+  _checks.in_range("target_quantile", target_quantile, 0.0, 1.0)
+  _checks.positive("learning_rate", learning_rate)
+  _checks.positive("initial_clip", initial_clip)
+
+  def init_fn(params):
+    del params
+    z = jnp.zeros((), jnp.float32)
+    return QuantileClipState(jnp.asarray(initial_clip, jnp.float32), z, z,
+                             jnp.zeros((), jnp.bool_))
+
+  def update_fn(updates, state, params=None):
+    del params
+    _checks.float_leaves("updates", updates)
+    n = num.global_norm(updates, axis_name)
+    s = num.clip_scale(n, state.clip)
+    below = (n <= state.clip).astype(jnp.float32)
+    new_clip = state.clip * jnp.exp(-learning_rate * (below - target_quantile))
+    clip = jnp.where(jnp.isfinite(n), new_clip, state.clip)
+    return num.scale_tree(updates, s), QuantileClipState(clip, n, state.clip,
+                                                         s < 1)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,148 @@
+"""ZClip: z-score based adaptive clipping of the global norm."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtransforms import _checks
+from gradtransforms import _numerics as num
+from gradtransforms._metrics import register
+
+# The reference's clip coefficient, as torch's clip_grad_norm_: max / (n + 1e-6).
+_TORCH_EPS = 1e-6
+
+
+@register("zclip", ("norm", "threshold", "clipped", "spike", "zscore", "mean",
+                    "var", "count"))
+class ZClipState(NamedTuple):
+  """``warmup``: norms of the warm-up steps; ``count``: finite norms seen;
+  ``mean``/``var``: the EMA statistics (valid once ``count >= warmup_steps``).
+
+  ``norm``, ``threshold`` (the effective clip value), ``clipped``, ``spike``
+  and ``zscore`` are the last step's figures.
+  """
+  warmup: jax.Array
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  norm: jax.Array
+  threshold: jax.Array
+  clipped: jax.Array
+  spike: jax.Array
+  zscore: jax.Array
+
+
+def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
+          max_grad_norm: float | None = 1.0, eps: float = 1e-6,
+          warmup_steps: int = 25, mode: str = "zscore",
+          clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
+          skip_update_on_spike: bool = False, *, axis_name: str | None = None
+          ) -> optax.GradientTransformation:
+  """ZClip (Kumar et al., 2025, "ZClip: Adaptive Spike Mitigation for LLM
+  Pre-Training"), step for step as the authors' reference implementation.
+
+  Warm-up (the first ``warmup_steps`` finite norms): the norms are buffered
+  and the update is clipped to ``max_grad_norm``; at the last warm-up step
+  ``mu = mean(buffer)``, ``var = mean((buffer - mu)**2)``.
+
+  Afterwards, with ``sigma = sqrt(var)`` and ``z = (n - mu) / (sigma + eps)``:
+
+  * ``mode="zscore"``: a spike is ``z > z_thresh``; its clip value is
+    ``clip_factor * (mu + z_thresh**2 * sigma / z)`` (``"adaptive_scaling"``)
+    or ``mu`` (``clip_option="mean"``).
+  * ``mode="percentile"``: a spike is ``n > mu + z_thresh * sigma``, clipped
+    to that value.
+
+  The effective bound is ``min(clip value if spike else n, max_grad_norm)``
+  and the update is scaled by ``bound / (n + 1e-6)`` where ``n > bound``.
+  Then ``mu <- alpha mu + (1 - alpha) x``,
+  ``var <- alpha var + (1 - alpha) (x - mu)**2`` with ``x`` the clip value on
+  a spike and ``n`` otherwise (skipped on a spike if
+  ``skip_update_on_spike``).
+
+  Non-finite norms: unlike the reference (where one NaN poisons the EMA for
+  good) a non-finite norm is not counted, does not touch the statistics, and
+  its update passes unchanged.
+
+  State: :class:`ZClipState`. Defaults are the reference's.
+
+  Args:
+    alpha: EMA factor in [0, 1).
+    z_thresh: z-score threshold, > 0.
+    max_grad_norm: absolute cap on the norm, or None.
+    eps: added to sigma in the z-score.
+    warmup_steps: number of norms before the EMA starts (static), >= 1.
+    mode: ``"zscore"`` or ``"percentile"``.
+    clip_option: ``"adaptive_scaling"`` or ``"mean"`` (zscore mode only).
+    clip_factor: multiplier of the adaptive threshold, > 0.
+    skip_update_on_spike: keep the statistics unchanged on a spike.
+    axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
+  """
+  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
+  _checks.positive("z_thresh", z_thresh)
+  if max_grad_norm is not None:
+    _checks.nonnegative("max_grad_norm", max_grad_norm)
+  _checks.nonnegative("eps", eps)
+  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
+  mode = _checks.one_of("mode", mode.lower() if isinstance(mode, str) else mode,
+                        ("zscore", "percentile"))
+  clip_option = _checks.one_of("clip_option", clip_option,
+                               ("adaptive_scaling", "mean"))
+  _checks.positive("clip_factor", clip_factor)
+  cap = jnp.inf if max_grad_norm is None else max_grad_norm
+
+  def init_fn(params):
+    del params
+    z = jnp.zeros((), jnp.float32)
+    f = jnp.zeros((), jnp.bool_)
+    return ZClipState(jnp.zeros((warmup_steps,), jnp.float32),
+                      jnp.zeros((), jnp.int32), z, z, z, z, f, f, z)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _checks.float_leaves("updates", updates)
+    n = num.global_norm(updates, axis_name)
+    ok = jnp.isfinite(n)
+    ready = state.count >= warmup_steps  # EMA initialised before this step
+
+    # Warm-up: buffer the norm; initialise the EMA at the last warm-up step.
+    buf, count = num.ring_push(state.warmup, state.count, n, ok & ~ready)
+    pop_mean = jnp.mean(buf)
+    pop_var = jnp.mean(jnp.square(buf - pop_mean))
+    init_now = ~ready & (count == warmup_steps)
+
+    # Spike test and clip value against the EMA.
+    std = jnp.sqrt(state.var)
+    z = num.zscore(num.MeanVar(state.mean, state.var), n, eps)
+    if mode == "percentile":
+      clip_val = state.mean + z_thresh * std
+      spike = n > clip_val
+    else:
+      spike = z > z_thresh
+      if clip_option == "adaptive_scaling":
+        clip_val = clip_factor * (state.mean + z_thresh * std / (z / z_thresh))
+      else:
+        clip_val = state.mean
+    spike = ready & ok & spike
+    bound = jnp.where(ready, jnp.minimum(jnp.where(spike, clip_val, n), cap),
+                      cap)
+    s = num.clip_scale(n, bound, eps=_TORCH_EPS)
+
+    x = jnp.where(spike, clip_val, n)
+    ema_ok = ready & ok
+    if skip_update_on_spike:
+      ema_ok = ema_ok & ~spike
+    stats = num.ema_mean_var(num.MeanVar(state.mean, state.var), x, alpha,
+                             ema_ok)
+    mean = jnp.where(init_now, pop_mean, stats.mean)
+    var = jnp.where(init_now, pop_var, stats.var)
+    count = jnp.where(ready, state.count + ok.astype(jnp.int32), count)
+    new_state = ZClipState(buf, count, mean, var, n, bound, s < 1, spike,
+                           jnp.where(ready, z, 0.0))
+    return num.scale_tree(updates, s), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
