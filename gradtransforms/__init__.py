@@ -8,6 +8,10 @@ from gradtransforms._metrics import leaf_names, metrics
 from gradtransforms.adagc import AdaGCState, adagc
 from gradtransforms.autoclip import AutoClipState, autoclip
 from gradtransforms.clippy import ClippyState, clippy
+from gradtransforms.detect import DetectSpikesState, culprits, detect_spikes
+from gradtransforms.diagnose import Diagnosis, diagnose
+from gradtransforms.guard import GuardState, guard
+from gradtransforms.monitor import MonitorState, monitor
 from gradtransforms.per_example import PerExampleClipState, per_example_clip
 from gradtransforms.quantile import QuantileClipState, quantile_clip
 from gradtransforms.spam import (

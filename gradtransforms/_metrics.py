@@ -52,13 +52,12 @@ def leaf_names(tree: Any) -> list[str]:
 
 
 def _is_variable(x: Any) -> bool:
-  return type(x).__module__.startswith("flax") and hasattr(x, "value") and \
-      not hasattr(x, "_fields")
+  return type(x).__module__.startswith("flax") and hasattr(x, "get_value")
 
 
 def _unwrap(tree: Any) -> Any:
   """Replaces Flax NNX variables by the arrays they hold."""
-  return jax.tree.map(lambda v: v.value if _is_variable(v) else v, tree,
+  return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree,
                       is_leaf=_is_variable)
 
 

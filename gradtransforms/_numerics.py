@@ -161,3 +161,40 @@ def percentile(buffer: jax.Array, count: jax.Array, q: Any) -> jax.Array:
   a, b = v[lo], v[hi]
   out = jnp.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
   return jnp.where(n > 0, out, jnp.nan)
+
+
+class SeriesStats(NamedTuple):
+  """Running statistics of a scalar series, for spike detection."""
+  mean: jax.Array
+  var: jax.Array
+  count: jax.Array  # finite observations so far
+
+
+def series_init() -> SeriesStats:
+  z = jnp.zeros((), F32)
+  return SeriesStats(z, z, jnp.zeros((), jnp.int32))
+
+
+def series_observe(stats: SeriesStats, x: jax.Array, alpha: Any,
+                   z_thresh: Any, warmup_steps: int, eps: Any = 1e-6
+                   ) -> tuple[SeriesStats, jax.Array, jax.Array]:
+  """Scores ``x`` against the running statistics, then folds it in.
+
+  Returns ``(stats', z, spike)``. ``z = (x - mean) / (std + eps)``; a spike is
+  ``z > z_thresh`` once ``warmup_steps`` finite values were seen. The EMA
+  factor is ``min(alpha, k / (k + 1))`` after ``k`` values, so the first
+  steps give the exact running mean instead of a bias towards 0. A non-finite
+  ``x`` is not folded in; a spike is folded in clamped to
+  ``mean + z_thresh * std``, so one outlier neither inflates the variance nor
+  stops the statistics from following a real shift of level.
+  """
+  x = jnp.asarray(x, F32)
+  ok = jnp.isfinite(x)
+  z = zscore(MeanVar(stats.mean, stats.var), x, eps)
+  spike = ok & (stats.count >= warmup_steps) & (z > z_thresh)
+  folded = jnp.where(spike, stats.mean + z_thresh * jnp.sqrt(stats.var), x)
+  k = stats.count.astype(F32)
+  a = jnp.minimum(jnp.asarray(alpha, F32), k / (k + 1.0))
+  mv = ema_mean_var(MeanVar(stats.mean, stats.var), folded, a, ok)
+  z = jnp.where(ok & (stats.count > 0), z, 0.0)
+  return SeriesStats(mv.mean, mv.var, stats.count + ok.astype(jnp.int32)), z, spike

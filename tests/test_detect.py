@@ -1,0 +1,302 @@
+"""Monitoring, spike detection, guards, attribution and diagnosis."""
+
+import chex
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import np_global_norm, np_leaves, random_tree
+
+import gradtransforms as gt
+
+STEADY = list(np.exp(0.1 * np.random.default_rng(1).normal(size=300)))
+
+
+def grads_with_norms(norms, seed=0):
+  base = random_tree(seed)
+  unit = np_global_norm(base)
+  return [jax.tree.map(lambda x: x * jnp.float32(n / unit), base) for n in norms]
+
+
+def run(tx, seq, params=None, losses=None):
+  state = tx.init(params if params is not None else seq[0])
+  step = jax.jit(tx.update)
+  outs, states = [], []
+  for i, g in enumerate(seq):
+    kw = {} if losses is None else {"value": jnp.float32(losses[i])}
+    u, state = step(g, state, params, **kw)
+    outs.append(u)
+    states.append(state)
+  return outs, states
+
+
+# --- monitor --------------------------------------------------------------------
+
+
+def test_monitor_records_norms_and_passes_updates_unchanged():
+  seq = grads_with_norms([1.0, 2.0, 4.0])
+  seq.append(jax.tree.map(lambda x: x.at[...].set(jnp.nan) if x.ndim == 1 else x,
+                          seq[0]))
+  outs, states = run(gt.monitor(per_leaf=True), seq)
+  for o, g in zip(outs, seq):
+    chex.assert_trees_all_equal(o, g)
+  m = gt.metrics(states[2])
+  np.testing.assert_allclose(m["monitor/norm"], 4.0, rtol=1e-5)
+  np.testing.assert_allclose(m["monitor/leaf_norm/dense/w"],
+                             np.linalg.norm(np.asarray(seq[2]["dense"]["w"])),
+                             rtol=1e-5)
+  # log-norm statistics: exact running mean of log(1), log(2), log(4) early on
+  np.testing.assert_allclose(m["monitor/log_norm_mean"], np.log(2.0), rtol=1e-5)
+  last = gt.metrics(states[3])
+  assert int(last["monitor/nonfinite_leaves"]) == 2  # dense/b and conv/1
+  assert int(last["monitor/nonfinite_steps"]) == 1
+  assert last["monitor/log_norm_mean"] == m["monitor/log_norm_mean"]  # not poisoned
+
+
+# --- detect_spikes -----------------------------------------------------------------
+
+
+def test_no_false_alarms_on_steady_sequence():
+  _, states = run(gt.detect_spikes(), grads_with_norms(STEADY),
+                  losses=[2.0 + 0.05 * np.sin(i) for i in range(300)])
+  m = gt.metrics(states[-1])
+  assert int(m["detect_spikes/norm_spikes"]) == 0
+  assert int(m["detect_spikes/loss_spikes"]) == 0
+  assert int(m["detect_spikes/nonfinite_steps"]) == 0
+
+
+def test_planted_norm_and_loss_spikes_are_flagged_at_their_steps():
+  norms = list(STEADY[:80])
+  norms[50] *= 30.0
+  losses = [2.0 + 0.05 * np.sin(i) for i in range(80)]
+  losses[65] = 9.0
+  _, states = run(gt.detect_spikes(), grads_with_norms(norms), losses=losses)
+  norm_flags = [i for i, s in enumerate(states) if bool(s.norm_spike)]
+  loss_flags = [i for i, s in enumerate(states) if bool(s.loss_spike)]
+  assert norm_flags == [50] and loss_flags == [65]
+
+
+def test_nonfinite_step_never_enters_statistics():
+  seq = grads_with_norms(STEADY[:40])
+  seq[30] = jax.tree.map(lambda x: x * jnp.inf, seq[30])
+  seq[31] = jax.tree.map(lambda x: x * jnp.nan, seq[31])
+  _, states = run(gt.detect_spikes(), seq)
+  chex.assert_trees_all_equal(states[31].norm_stats, states[29].norm_stats)
+  assert [bool(s.nonfinite) for s in states[29:33]] == [False, True, True, False]
+  assert int(states[-1].first_nonfinite_step) == 30
+  assert np.isfinite(float(states[-1].norm_stats.mean))
+
+
+def test_attribution_names_the_leaf_that_blew_up():
+  seq = grads_with_norms(STEADY[:60])
+  w = seq[45]["conv"][0]
+  seq[45]["conv"][0] = w * 200.0  # one layer's gradient explodes
+  seq[55]["emb"] = (seq[55]["emb"][0].at[0, 0].set(jnp.inf),)
+  params = random_tree(0)
+  _, states = run(gt.detect_spikes(), seq, params)
+  named = gt.culprits(states[50], params)
+  assert named["detect_spikes/culprit"] == "conv/0"
+  assert named["detect_spikes/culprit_step"] == 45
+  named = gt.culprits(states[-1], params)
+  assert named["detect_spikes/first_nonfinite_leaf"] == "emb/0"
+  assert named["detect_spikes/first_nonfinite_step"] == 55
+  m = gt.metrics(states[-1])
+  assert int(m["detect_spikes/leaf_first_nonfinite/emb/0"]) == 55
+  assert int(m["detect_spikes/leaf_first_nonfinite/dense/w"]) == -1
+
+
+def test_on_event_hook_fires_only_on_events():
+  seen = []
+  seq = grads_with_norms(STEADY[:40])
+  seq[35] = jax.tree.map(lambda x: x * jnp.nan, seq[35])
+  run(gt.detect_spikes(on_event=seen.append), seq)
+  jax.effects_barrier()
+  assert len(seen) == 1 and bool(seen[0]["nonfinite"]) and int(seen[0]["step"]) == 36
+
+
+# --- guard ------------------------------------------------------------------------
+
+
+def test_guard_skip_keeps_params_and_inner_state_bit_identical():
+  params = random_tree(3)
+  params["scalar"] = jnp.asarray(-0.0, jnp.float32)
+  tx = gt.guard(optax.adam(1e-2))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  good = random_tree(4)
+  u, state = step(good, state, params)
+  params = optax.apply_updates(params, u)
+  before_p, before_s = params, state.inner_state
+  bad = dict(good, dense={"w": good["dense"]["w"].at[1, 1].set(jnp.nan),
+                          "b": good["dense"]["b"]})
+  u, state = step(bad, state, params)
+  after = optax.apply_updates(params, u)
+  chex.assert_trees_all_equal(after, before_p)
+  assert np.signbit(after["scalar"])  # -0.0 kept
+  chex.assert_trees_all_equal(state.inner_state, before_s)
+  assert bool(state.bad) and int(state.skipped) == 1
+
+
+def test_guard_never_applies_nan_unlike_apply_if_finite_and_halts():
+  params = random_tree(3)
+  nan = jax.tree.map(lambda x: x * jnp.nan, random_tree(4))
+  ours = gt.guard(optax.sgd(0.1), max_consecutive=3)
+  ref = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3)
+  _, s_ours = ours.init(params), ref.init(params)
+  s_ours, s_ref = ours.init(params), ref.init(params)
+  p_ours, p_ref = params, params
+  for _ in range(5):
+    u, s_ours = ours.update(nan, s_ours, p_ours)
+    p_ours = optax.apply_updates(p_ours, u)
+    u, s_ref = ref.update(nan, s_ref, p_ref)
+    p_ref = optax.apply_updates(p_ref, u)
+  assert all(np.all(np.isnan(x)) for x in np_leaves(p_ref))  # optax gives up
+  chex.assert_trees_all_equal(p_ours, params)
+  m = gt.metrics(s_ours)
+  assert bool(m["guard/halt"]) and int(m["guard/halts"]) == 3
+  assert int(m["guard/consecutive"]) == 5 and int(m["guard/skipped"]) == 5
+
+
+def test_guard_reset_inner_state_on_halt():
+  params = random_tree(3)
+  tx = gt.guard(optax.adam(1e-2), max_consecutive=2, reset_inner_state=True)
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(random_tree(4), state, params)
+  assert int(state.inner_state[0].count) == 3
+  nan = jax.tree.map(lambda x: x * jnp.nan, params)
+  for _ in range(2):
+    _, state = tx.update(nan, state, params)
+  chex.assert_trees_all_equal(state.inner_state, optax.adam(1e-2).init(params))
+  assert int(state.resets) == 1 and int(state.consecutive) == 0
+
+
+def test_guard_actions_on_a_spike():
+  norms = list(STEADY[:40])
+  norms[30] = 100.0
+  seq = grads_with_norms(norms)
+  params = random_tree(0)
+  # zero: inner sees zeros; its count still advances.
+  outs, states = run(gt.guard(optax.sgd(1.0, momentum=0.9), on="spike",
+                              action="zero"), seq, params)
+  assert bool(states[30].bad)
+  mom_before = states[29].inner_state[0].trace
+  chex.assert_trees_all_close(states[30].inner_state[0].trace,
+                              jax.tree.map(lambda t: 0.9 * t, mom_before), rtol=1e-6)
+  # rescale: the spike reaches inner scaled to the typical norm.
+  outs, states = run(gt.guard(optax.sgd(1.0), on="spike", action="rescale"),
+                     seq, params)
+  typical = np.exp(float(states[29].detector.norm_stats.mean))
+  np.testing.assert_allclose(np_global_norm(outs[30]), typical, rtol=1e-4)
+  np.testing.assert_allclose(np_global_norm(outs[29]), norms[29], rtol=1e-4)
+
+
+def test_guard_loss_spike_trigger():
+  seq = grads_with_norms(STEADY[:40])
+  losses = [1.0 + 0.01 * np.cos(i) for i in range(40)]
+  losses[33] = 50.0
+  _, states = run(gt.guard(optax.sgd(0.1), on="loss_spike"), seq,
+                  random_tree(0), losses)
+  assert [i for i, s in enumerate(states) if bool(s.bad)] == [33]
+
+
+# --- composition ---------------------------------------------------------------------
+
+
+def test_composes_with_multisteps_inject_and_nnx_optimizer():
+  params = random_tree(0)
+  tx = optax.MultiSteps(optax.chain(gt.monitor(),
+                                    gt.guard(optax.adam(1e-3))), every_k_schedule=2)
+  state = tx.init(params)
+  for _ in range(4):
+    _, state = jax.jit(tx.update)(random_tree(1), state, params)
+  m = gt.metrics(state)
+  assert int(m["monitor/step"]) == 2 and int(m["guard/step"]) == 2
+
+  inj = optax.inject_hyperparams(gt.monitor)(alpha=0.5)
+  s = inj.init(params)
+  _, s = jax.jit(inj.update)(random_tree(1), s, params)
+  assert "monitor/norm" in gt.metrics(s)
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.chain(gt.clip_by_global_norm(1.0),
+                                         gt.guard(optax.adam(1e-3))), wrt=nnx.Param)
+  x = jnp.ones((4, 3))
+
+  @nnx.jit
+  def train(model, opt, x):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    opt.update(model, grads, value=loss)
+    return loss
+
+  train(model, opt, x)
+  m = gt.metrics(opt)
+  assert int(m["guard/step"]) == 1 and np.isfinite(float(m["detect_spikes/loss"]))
+  assert "clip_by_global_norm/norm" in m
+
+
+def test_state_is_checkpointable():
+  params = random_tree(0)
+  tx = gt.guard(optax.adam(1e-3), on=("spike",))
+  state = tx.init(params)
+  _, state = tx.update(random_tree(1), state, params)
+  leaves, treedef = jax.tree.flatten(state)
+  restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+  a, _ = tx.update(random_tree(2), state, params)
+  b, _ = tx.update(random_tree(2), restored, params)
+  chex.assert_trees_all_equal(a, b)
+
+
+@pytest.mark.parametrize("make,arg", [
+    (lambda: gt.guard(optax.sgd(1.0), on="loss"), "on"),
+    (lambda: gt.guard(optax.sgd(1.0), action="clip"), "action"),
+    (lambda: gt.guard(optax.sgd(1.0), max_consecutive=0), "max_consecutive"),
+    (lambda: gt.detect_spikes(z_thresh=-1.0), "z_thresh"),
+    (lambda: gt.detect_spikes(alpha=1.5), "alpha"),
+    (lambda: gt.monitor(alpha=-0.5), "alpha"),
+])
+def test_detection_bad_arguments(make, arg):
+  with pytest.raises(ValueError, match=arg):
+    make()
+
+
+def test_on_event_must_be_callable():
+  with pytest.raises(TypeError, match="on_event"):
+    gt.detect_spikes(on_event="print")
+
+
+# --- diagnose -------------------------------------------------------------------------
+
+
+def test_diagnose_names_first_nonfinite_layer_growth_and_depth():
+  history = []
+  for t in range(40):
+    g = 0.5 * 1.3 ** t
+    row = {"monitor/norm": g if t < 35 else np.inf,
+           "monitor/leaf_norm/layers/0/w": 20 * g,
+           "monitor/leaf_norm/layers/2/w": 2 * g,
+           "monitor/leaf_norm/layers/10/w": g if t < 35 else np.inf}
+    history.append(row)
+  d = gt.diagnose(history)
+  assert d.first_nonfinite_step == 35
+  assert d.first_nonfinite_layers == ["layers/10/w"]
+  np.testing.assert_allclose(d.growth_per_step, np.log(1.3), rtol=1e-6)
+  assert d.first_layer == "layers/0/w" and d.last_layer == "layers/10/w"
+  np.testing.assert_allclose(d.depth_ratio, 20.0)
+  assert any(c.startswith("learning rate") for c in d.causes)
+  assert any(c.startswith("depth") for c in d.causes)
+  assert "step 35" in d.report and "layers/10/w" in d.report
+  assert d.suggested_clip is not None
+
+
+def test_diagnose_steady_run_and_init_scale():
+  steady = {"monitor/norm": STEADY[:100]}
+  d = gt.diagnose(steady)
+  assert d.causes == [] and "no explosion pattern" in d.report
+  np.testing.assert_allclose(d.suggested_clip, np.percentile(STEADY[:100], 90))
+  big_start = {"monitor/norm": [1e4] + STEADY[:50]}
+  assert any(c.startswith("initialisation") for c in gt.diagnose(big_start).causes)
+  with pytest.raises(ValueError, match="norm"):
+    gt.diagnose([{"loss": 1.0}])
