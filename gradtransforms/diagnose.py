@@ -11,6 +11,7 @@ import numpy as np
 _NORM_KEYS = ("monitor/norm", "detect_spikes/norm", "clip_by_global_norm/norm",
               "zclip/norm", "autoclip/norm", "quantile_clip/norm")
 _LEAF_PREFIXES = ("monitor/leaf_norm/", "clip_by_leaf_norm/norm/", "adagc/norm/")
+_WEIGHT = re.compile(r"(kernel|weight|(^|/)w[^/]*)$")
 _RECURRENT = re.compile(r"(recur|rnn|lstm|gru|hh|hidden|cell)", re.I)
 
 
@@ -92,19 +93,26 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     growth = float(np.polyfit(np.arange(len(window)), window, 1)[0])
     doubling = float(np.log(2) / growth) if growth > 1e-9 else None
   suggested = None
-  if len(healthy):
+  if len(healthy) >= 5:
     typical = np.median(healthy)
     calm = healthy[healthy < 10 * typical]
     suggested = float(np.percentile(calm if len(calm) else healthy, 90))
 
   depth = None
-  if len(names) >= 2:
-    a, b = leaves[names[0]][:end], leaves[names[-1]][:end]
+  weights = [n for n in names if _WEIGHT.search(n)] or names
+  if len(weights) >= 2:
+    a, b = leaves[weights[0]][:end], leaves[weights[-1]][:end]
     ok = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
     if ok.any():
       depth = float(np.median(a[ok] / b[ok]))
 
   causes = []
+  if first_bad is not None and first_bad < 5:
+    causes.append(
+        f"initialisation scale or learning rate: non-finite after only "
+        f"{first_bad} step(s), so the very first updates were too large; use "
+        "He/Xavier init, a smaller learning rate or warm-up, and clip from "
+        "step 0 (gt.clip_by_global_norm)")
   if growth is not None and growth > 0.05:
     causes.append(
         f"learning rate: the gradient norm grows exponentially (x{np.exp(growth):.2f}"
@@ -119,7 +127,7 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     way = "amplified" if depth > 1 else "shrunk"
     causes.append(
         f"depth: gradients are {way} {max(depth, 1 / depth):.3g}x from "
-        f"{names[-1]} to {names[0]}; add normalisation, residual connections "
+        f"{weights[-1]} to {weights[0]}; add normalisation, residual connections "
         "or better-scaled init")
   recurrent = [n for n in names if _RECURRENT.search(n)]
   if recurrent and (first_bad is not None or (growth or 0) > 0.05 or
@@ -131,7 +139,9 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
 
   lines = [f"Gradient diagnosis over {steps} steps ({norm_key}):"]
   if first_bad is not None:
-    where = f" in {', '.join(bad_layers)}" if bad_layers else ""
+    shown = ", ".join(bad_layers[:4]) + (
+        f" and {len(bad_layers) - 4} more" if len(bad_layers) > 4 else "")
+    where = f" in {shown}" if bad_layers else ""
     lines.append(f"- first non-finite gradient at step {first_bad}{where}")
   else:
     lines.append("- no non-finite gradient")
@@ -139,12 +149,14 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     lines.append(f"- norm growth: x{np.exp(growth):.3f} per step over the last "
                  f"{min(len(healthy), 50)} healthy steps")
   if depth is not None:
-    lines.append(f"- depth profile: ||{names[0]}|| / ||{names[-1]}|| = {depth:.3g}")
+    lines.append(f"- depth profile: ||{weights[0]}|| / ||{weights[-1]}|| = "
+                 f"{depth:.3g} (median over healthy steps)")
   if suggested is not None:
     lines.append(f"- suggested clip: gt.clip_by_global_norm({suggested:.3g}) "
                  "(90th percentile of healthy norms), or gt.zclip()")
   lines += [f"- likely cause: {c}" for c in causes] or [
       "- no explosion pattern found"]
   return Diagnosis(steps, first_bad, bad_layers, growth, doubling, depth,
-                   names[0] if names else None, names[-1] if names else None,
+                   weights[0] if weights else None,
+                   weights[-1] if weights else None,
                    suggested, causes, "\n".join(lines))

@@ -1,0 +1,95 @@
+"""Named scenarios where gradients explode (and remedies), and the methods
+compared on them. Shared by ``gradtransforms demo`` and
+``benchmarks/stability.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import optax
+from flax import nnx
+
+import gradtransforms as gt
+from gradtransforms.models import LSTM, DeepMLP, ElmanRNN
+from gradtransforms.tasks.synthetic import Task, addition, corrupted, deep_regression
+from gradtransforms.tasks.training import train
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  """A model factory (taking a seed), a task, and the base optimizer."""
+  name: str
+  make_model: Callable[[int], nnx.Module]
+  task: Task
+  learning_rate: float
+  note: str
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return optax.sgd(self.learning_rate, momentum=0.9)
+
+
+def _scenarios() -> dict[str, Scenario]:
+  reg, add = deep_regression(16), addition(50)
+  mlp = lambda **kw: (lambda s: DeepMLP(16, 64, in_features=16,
+                                        rngs=nnx.Rngs(s), **kw))
+  return {s.name: s for s in [
+      Scenario("mlp16-init1.6", mlp(init_scale=1.6), reg, 0.01,
+               "16-layer ReLU MLP, init 1.6x He: explodes through depth"),
+      Scenario("mlp16-he", mlp(), reg, 0.01, "remedy: He init"),
+      Scenario("mlp16-init1.6-layernorm", mlp(init_scale=1.6, norm="layer"),
+               reg, 0.01, "remedy: LayerNorm"),
+      Scenario("mlp4-lr0.2", lambda s: DeepMLP(4, 64, in_features=16,
+                                               rngs=nnx.Rngs(s)), reg, 0.2,
+               "4-layer MLP, learning rate too high: diverges"),
+      Scenario("mlp4-corrupt-batches", lambda s: DeepMLP(
+          4, 64, in_features=16, rngs=nnx.Rngs(s)), corrupted(reg, 0.03, 100.0),
+               0.02, "healthy 4-layer MLP, 3% of batches corrupted (x100)"),
+      Scenario("rnn-T50-rho2", lambda s: ElmanRNN(32, 2.0, in_features=2,
+                                                  rngs=nnx.Rngs(s)), add, 0.05,
+               "Elman RNN, spectral radius 2, adding problem T=50"),
+      Scenario("lstm-T50", lambda s: LSTM(32, in_features=2, rngs=nnx.Rngs(s)),
+               add, 0.05, "remedy: LSTM on the same task"),
+  ]}
+
+
+SCENARIOS: dict[str, Scenario] = _scenarios()
+
+# Each method wraps the scenario's base optimizer.
+METHODS: dict[str, Callable[[optax.GradientTransformation],
+                            optax.GradientTransformation]] = {
+    "none": lambda opt: opt,
+    "global_norm(1)": lambda opt: optax.chain(gt.clip_by_global_norm(1.0), opt),
+    "autoclip(p10)": lambda opt: optax.chain(gt.autoclip(10.0, 1000), opt),
+    "zclip": lambda opt: optax.chain(gt.zclip(), opt),
+    "adagc": lambda opt: optax.chain(gt.adagc(warmup_steps=20), opt),
+    "guard(spike)": lambda opt: gt.guard(opt, on=("spike", "loss_spike"),
+                                         warmup_steps=5),
+}
+
+
+def run(scenario: str, method: str, steps: int = 300, batch_size: int = 64,
+        seed: int = 0) -> dict[str, np.ndarray]:
+  """One training run; returns the per-step figures (``loss``,
+  ``monitor/norm``, ...)."""
+  sc = SCENARIOS[scenario]
+  tx = METHODS[method](sc.optimizer())
+  history, _ = train(sc.make_model(seed), tx, sc.task, steps, batch_size, seed)
+  return history
+
+
+def summarize(history: dict[str, np.ndarray]) -> dict[str, float]:
+  """diverged (any non-finite loss), step of the first one, final loss (median
+  of the last 10% of steps), max finite grad norm, steps skipped."""
+  loss, norm = history["loss"], history["monitor/norm"]
+  bad = ~np.isfinite(loss)
+  tail = loss[-max(len(loss) // 10, 1):]
+  finite_norms = norm[np.isfinite(norm)]
+  return {
+      "diverged": bool(bad.any()),
+      "nan_step": int(np.argmax(bad)) if bad.any() else None,
+      "final_loss": float(np.median(tail)) if not bad.any() else float("nan"),
+      "max_norm": float(finite_norms.max()) if finite_norms.size else float("nan"),
+      "skipped": int(history["guard/skipped"][-1]) if "guard/skipped" in history else 0,
+  }
