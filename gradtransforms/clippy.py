@@ -19,8 +19,8 @@ class ClippyState(NamedTuple):
   scale: optax.Updates
 
 
-def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2
-           ) -> optax.GradientTransformation:
+def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
+           axis_name: str | None = None) -> optax.GradientTransformation:
   """Clippy (Tang et al., 2023, "Improving Training Stability for Multitask
   Ranking Models in Recommender Systems").
 
@@ -37,6 +37,8 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2
   Args:
     relative_factor: lambda_rel >= 0.
     absolute_factor: lambda_abs > 0 (keeps zero weights movable).
+    axis_name: inside ``shard_map``/``pmap`` with leaves sharded over this
+      axis, the per-tensor maximum is taken over it so all shards agree.
   """
   _checks.nonnegative("relative_factor", relative_factor)
   _checks.positive("absolute_factor", absolute_factor)
@@ -53,6 +55,8 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2
       acc = num.acc_dtype(u)
       bound = relative_factor * jnp.abs(w.astype(acc)) + absolute_factor
       ratio = jnp.max(jnp.abs(u.astype(acc)) / bound).astype(jnp.float32)
+      if axis_name is not None:
+        ratio = jax.lax.pmax(ratio, axis_name)
       return jnp.where(jnp.isfinite(ratio) & (ratio > 1), 1.0 / ratio, 1.0)
 
     scales = jax.tree.map(one, updates, params)

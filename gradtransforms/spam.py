@@ -24,8 +24,8 @@ class SpikeClipState(NamedTuple):
   clip_fraction: jax.Array
 
 
-def spike_clip(threshold: float = 5000.0, b2: float = 0.999
-               ) -> optax.GradientTransformation:
+def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
+               axis_name: str | None = None) -> optax.GradientTransformation:
   """Spike-aware clipping of individual gradient entries (Huang et al., 2025,
   "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training").
 
@@ -46,6 +46,9 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999
   Args:
     threshold: theta > 0.
     b2: EMA factor in [0, 1).
+    axis_name: with leaves sharded over this ``shard_map``/``pmap`` axis,
+      ``clip_fraction`` counts over all shards (the clipping itself is
+      elementwise and needs no communication).
   """
   _checks.positive("threshold", threshold)
   _checks.in_range("b2", b2, 0.0, 1.0, hi_open=True)
@@ -76,8 +79,11 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999
     outs = [one(g, v) for g, v in zip(leaves, jax.tree.leaves(state.nu))]
     new_g = jax.tree.unflatten(treedef, [o[0] for o in outs])
     new_v = jax.tree.unflatten(treedef, [o[1] for o in outs])
-    size = max(sum(x.size for x in leaves), 1)
-    frac = sum(jnp.sum(o[2], dtype=jnp.float32) for o in outs) / size
+    size = jnp.asarray(max(sum(x.size for x in leaves), 1), jnp.float32)
+    clipped = sum(jnp.sum(o[2], dtype=jnp.float32) for o in outs)
+    if axis_name is not None:
+      size, clipped = jax.lax.psum((size, clipped), axis_name)
+    frac = clipped / size
     return new_g, SpikeClipState(t + 1, new_v, jnp.asarray(frac, jnp.float32))
 
   return optax.GradientTransformation(init_fn, update_fn)

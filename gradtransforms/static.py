@@ -206,7 +206,11 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3
   Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
   Normalization". The same numbers as ``optax.adaptive_grad_clip``. Units
   are the last axis for leaves of rank 2-4; scalars and vectors form one unit.
-  Non-finite units pass through unchanged.
+  Non-finite units pass through unchanged. Under ``shard_map`` a leaf may be
+  split along its last (unit) axis with no communication; splitting it along
+  another axis would need the unit norms summed across shards, which this
+  transform does not do (use ``jit`` with ``NamedSharding`` instead, where
+  XLA inserts the reductions).
 
   State: :class:`AdaptiveGradClipState`, per-leaf fraction of clipped units.
 

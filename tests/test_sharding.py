@@ -1,0 +1,147 @@
+"""Sharded and multi-device use, on 8 host CPU devices (see conftest.py)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import gradtransforms as gt
+
+N_DEV = 8
+pytestmark = pytest.mark.skipif(len(jax.devices()) < N_DEV,
+                                reason="needs 8 host devices (conftest sets them)")
+
+
+def tree(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(16, 6)) * scale, jnp.float32),
+          "v": jnp.asarray(rng.normal(size=(8, 4)) * scale, jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(24,)) * scale, jnp.float32)}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return Mesh(np.asarray(jax.devices()[:N_DEV]), ("d",))
+
+
+TRANSFORMS = {
+    "clip_by_global_norm": lambda **kw: gt.clip_by_global_norm(1.0, **kw),
+    "clip_by_leaf_norm": lambda **kw: gt.clip_by_leaf_norm(1.0, **kw),
+    "clip_by_block_rms": lambda **kw: gt.clip_by_block_rms(0.5, **kw),
+    "autoclip": lambda **kw: gt.autoclip(50.0, history=8, **kw),
+    "zclip": lambda **kw: gt.zclip(warmup_steps=2, max_grad_norm=None, **kw),
+    "adagc": lambda **kw: gt.adagc(warmup_steps=2, **kw),
+    "quantile_clip": lambda **kw: gt.quantile_clip(**kw),
+    "spike_clip": lambda **kw: gt.spike_clip(threshold=2.0, **kw),
+    "clippy": lambda **kw: gt.clippy(**kw),
+    "monitor": lambda **kw: gt.monitor(per_leaf=True, **kw),
+    "guard": lambda **kw: gt.guard(optax.adam(0.1), on="spike", warmup_steps=2,
+                                   **kw),
+}
+NO_AXIS = {"adaptive_grad_clip": lambda: gt.adaptive_grad_clip(0.05)}
+SEQ = [tree(10 + i, scale=1.0 + (5.0 if i == 4 else 0.1 * i)) for i in range(6)]
+PARAMS = tree(0)
+
+
+def run_steps(tx, params, seq, update):
+  state = tx.init(params)
+  outs = []
+  for g in seq:
+    u, state = update(g, state, params)
+    outs.append(u)
+  return outs, state
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS) + sorted(NO_AXIS))
+@pytest.mark.parametrize("spec", ["replicated", "fsdp"])
+def test_named_sharding_matches_single_device(mesh, name, spec):
+  make = TRANSFORMS.get(name) or NO_AXIS[name]
+  ref_outs, ref_state = run_steps(make(), PARAMS, SEQ, jax.jit(make().update))
+  sharding = NamedSharding(mesh, P() if spec == "replicated" else P("d"))
+  put = lambda t: jax.device_put(t, sharding)
+  tx = make()
+  outs, state = run_steps(tx, put(PARAMS), [put(g) for g in SEQ],
+                          jax.jit(tx.update))
+  for a, b in zip(outs, ref_outs):
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(gt.metrics(state), gt.metrics(ref_state),
+                              rtol=2e-5, atol=1e-6)
+  if spec == "fsdp":
+    for a, p in zip(jax.tree.leaves(outs[-1]), jax.tree.leaves(put(PARAMS))):
+      assert a.sharding.is_equivalent_to(p.sharding, a.ndim)
+
+
+def test_state_shardings_follow_params(mesh):
+  sharding = NamedSharding(mesh, P("d"))
+  params = jax.device_put(PARAMS, sharding)
+  tx = optax.chain(gt.spike_clip(), optax.adam(1e-3))
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(params, state, params)
+  for nu, p in zip(jax.tree.leaves(state[0].nu), jax.tree.leaves(params)):
+    assert nu.sharding.is_equivalent_to(p.sharding, nu.ndim)
+
+
+def _shard_map_update(mesh, tx):
+  """``tx.update`` run per device on FSDP shards (leaves split on axis 0)."""
+  spec = P("d")
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, P(), spec),
+                     out_specs=(spec, P()), check_vma=False)
+  def update(g, state, params):
+    return tx.update(g, state, params)
+  return update
+
+
+@pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - {"spike_clip", "guard"}))
+def test_shard_map_with_axis_name_matches_single_device(mesh, name):
+  ref_outs, ref_state = run_steps(TRANSFORMS[name](), PARAMS, SEQ,
+                                  jax.jit(TRANSFORMS[name]().update))
+  tx = TRANSFORMS[name](axis_name="d")
+  outs, state = run_steps(tx, PARAMS, SEQ, _shard_map_update(mesh, tx))
+  for a, b in zip(outs, ref_outs):
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(gt.metrics(state), gt.metrics(ref_state),
+                              rtol=2e-5, atol=1e-6)
+
+
+def test_guard_takes_the_same_skip_decision_on_every_device(mesh):
+  # A NaN in one device's shard must make every device skip the step.
+  tx = gt.guard(optax.sgd(0.1), axis_name="d")
+  spec = P("d")
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, spec),
+                     out_specs=(spec, P("d")), check_vma=False)
+  def step(g, params):
+    state = tx.init(params)
+    u, state = tx.update(g, state, params)
+    return u, state.bad[None]
+
+  g = dict(tree(1), w=tree(1)["w"].at[3, 0].set(jnp.nan))  # rows 2-3: device 1
+  u, bad = step(g, PARAMS)
+  assert bad.shape == (N_DEV,) and bool(jnp.all(bad))
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+
+
+def test_per_example_clip_with_batch_split_over_devices(mesh):
+  batch = jax.tree.map(lambda x: jnp.stack([x * (i + 1) for i in range(16)]),
+                       tree(3))
+  ref, ref_state = gt.per_example_clip(5.0).update(
+      batch, gt.per_example_clip(5.0).init(PARAMS))
+  tx = gt.per_example_clip(5.0, axis_name="d")
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P("d"), P()),
+                     out_specs=(P(), P()), check_vma=False)
+  def update(g, state):
+    return tx.update(g, state)
+
+  out, state = update(batch, tx.init(PARAMS))
+  chex.assert_trees_all_close(out, ref, rtol=1e-5)
+  chex.assert_trees_all_close(state, ref_state, rtol=1e-5)
