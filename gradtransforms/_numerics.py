@@ -61,13 +61,6 @@ def norms(leaves: Sequence[jax.Array], axis_name: str | None = None
   return jnp.sqrt(jnp.sum(sq)), jnp.sqrt(sq)
 
 
-def tree_norms(tree: Any, axis_name: str | None = None):
-  """:func:`norms` of a pytree; per-leaf norms come back as the tree's shape."""
-  leaves, treedef = jax.tree.flatten(tree)
-  g, per_leaf = norms(leaves, axis_name)
-  return g, jax.tree.unflatten(treedef, list(per_leaf))
-
-
 def global_norm(tree: Any, axis_name: str | None = None) -> jax.Array:
   """Float32 global L2 norm of a pytree (overflow-safe, one read)."""
   return norms(jax.tree.leaves(tree), axis_name)[0]
@@ -96,6 +89,11 @@ def scale_tree(tree: Any, s: Any) -> Any:
     s = jnp.asarray(s)
     return jax.tree.map(lambda x: scale(x, s), tree)
   return jax.tree.map(scale, tree, s)
+
+
+def scale_leaves(treedef: Any, leaves: Sequence[jax.Array], s: jax.Array) -> Any:
+  """Rebuilds a tree from ``leaves``, leaf ``i`` multiplied by ``s[i]``."""
+  return jax.tree.unflatten(treedef, [scale(x, s[i]) for i, x in enumerate(leaves)])
 
 
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
@@ -198,3 +196,19 @@ def series_observe(stats: SeriesStats, x: jax.Array, alpha: Any,
   mv = ema_mean_var(MeanVar(stats.mean, stats.var), folded, a, ok)
   z = jnp.where(ok & (stats.count > 0), z, 0.0)
   return SeriesStats(mv.mean, mv.var, stats.count + ok.astype(jnp.int32)), z, spike
+
+
+def fresh_state(init_fn):
+  """Decorator: ``init`` returns a state with one buffer per leaf.
+
+  States built from shared constants (``z, z, z``) would alias one buffer
+  several times, which ``jax.jit(..., donate_argnums=...)`` rejects. Copying
+  the leaves of the (small, or freshly zero-filled) state at init avoids it.
+  The copy also drops weak types, so that the state ``update`` returns has
+  the same types as ``init``'s and a jitted step compiles once.
+  """
+  def wrapped(params):
+    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.result_type(x),
+                                            copy=True), init_fn(params))
+  wrapped.__doc__ = init_fn.__doc__
+  return wrapped

@@ -62,6 +62,7 @@ def adagc(relative_threshold: float = 1.05, beta: float = 0.98,
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
   _checks.nonnegative("max_norm", max_norm)
 
+  @num.fresh_state
   def init_fn(params):
     zeros = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
     ones = jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
@@ -70,31 +71,23 @@ def adagc(relative_threshold: float = 1.05, beta: float = 0.98,
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
-    g_norm, leaf_norm = num.tree_norms(updates, axis_name)
+    leaves, treedef = jax.tree.flatten(updates)
+    g_norm, n = num.norms(leaves, axis_name)  # vectors over leaves from here
+    gamma = jnp.stack(jax.tree.leaves(state.gamma)) if leaves else n
     g_ok = jnp.isfinite(g_norm)
     warm = state.count < warmup_steps
-    g_scale = num.clip_scale(g_norm, max_norm)
-    first = state.count == 0
-
-    def one(n, gamma):
-      ok = jnp.isfinite(n)
-      bound = jnp.where(warm, jnp.where(g_ok, max_norm, jnp.inf),
-                        relative_threshold * gamma)
-      s = jnp.where(warm, g_scale, num.clip_scale(n, bound))
-      clipped = n * s
-      warm_gamma = jnp.where(first, clipped, jnp.minimum(gamma, clipped))
-      ema_gamma = beta * gamma + (1 - beta) * clipped
-      upd = jnp.where(warm, g_ok, ok)
-      new_gamma = jnp.where(upd, jnp.where(warm, warm_gamma, ema_gamma), gamma)
-      return s, new_gamma, bound
-
-    leaves_n, treedef = jax.tree.flatten(leaf_norm)
-    outs = [one(n, g) for n, g in zip(leaves_n, jax.tree.leaves(state.gamma))]
-    scales, gammas, bounds = (jax.tree.unflatten(treedef, list(x))
-                              for x in zip(*outs)) if outs else (
-                                  leaf_norm, state.gamma, leaf_norm)
-    count = state.count + g_ok.astype(jnp.int32)
-    new_state = AdaGCState(gammas, count, leaf_norm, bounds, scales)
-    return num.scale_tree(updates, scales), new_state
+    bound = jnp.where(warm, jnp.where(g_ok, max_norm, jnp.inf),
+                      relative_threshold * gamma)
+    s = jnp.where(warm, num.clip_scale(g_norm, max_norm),
+                  num.clip_scale(n, bound))
+    clipped = n * s
+    warm_gamma = jnp.where(state.count == 0, clipped, jnp.minimum(gamma, clipped))
+    ema_gamma = beta * gamma + (1 - beta) * clipped
+    ok = jnp.where(warm, g_ok, jnp.isfinite(n))
+    gamma = jnp.where(ok, jnp.where(warm, warm_gamma, ema_gamma), gamma)
+    as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
+    new_state = AdaGCState(as_tree(gamma), state.count + g_ok.astype(jnp.int32),
+                           as_tree(n), as_tree(bound), as_tree(s))
+    return num.scale_leaves(treedef, leaves, s), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

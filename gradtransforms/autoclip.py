@@ -51,6 +51,7 @@ def autoclip(percentile: float = 10.0, history: int = 10_000, *,
   _checks.in_range("percentile", percentile, 0.0, 100.0)
   history = _checks.integer("history", history, minimum=1)
 
+  @num.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)

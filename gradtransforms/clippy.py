@@ -43,6 +43,7 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
   _checks.nonnegative("relative_factor", relative_factor)
   _checks.positive("absolute_factor", absolute_factor)
 
+  @num.fresh_state
   def init_fn(params):
     return ClippyState(jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
 

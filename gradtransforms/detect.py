@@ -53,13 +53,14 @@ class DetectSpikesState(NamedTuple):
   leaf_first_nonfinite: optax.Updates
 
 
+@num.fresh_state
 def init_state(params: Any) -> DetectSpikesState:
   n_leaves = len(jax.tree.leaves(params))
   z, f, i, neg = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.bool_),
                   jnp.zeros((), _I32), jnp.full((), -1, _I32))
   return DetectSpikesState(
-      i, num.series_init(), num.series_init(), jnp.zeros((n_leaves,)), z,
-      jnp.full((), jnp.nan), z, z, f, f, f, i, i, i, neg, neg, neg, neg,
+      i, num.series_init(), num.series_init(), jnp.zeros((n_leaves,), jnp.float32), z,
+      jnp.full((), jnp.nan, jnp.float32), z, z, f, f, f, i, i, i, neg, neg, neg, neg,
       jax.tree.map(lambda _: neg, params))
 
 

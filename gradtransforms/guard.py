@@ -98,6 +98,7 @@ def guard(inner: optax.GradientTransformation,
   _events.check_hook(on_event)
   inner = optax.with_extra_args_support(inner)
 
+  @num.fresh_state
   def init_fn(params):
     i, f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)
     return GuardState(i, f, i, i, f, i, i, detect.init_state(params),

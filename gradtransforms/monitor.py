@@ -54,6 +54,7 @@ def monitor(per_leaf: bool = False, alpha: float = 0.98, *,
   """
   _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
 
+  @num.fresh_state
   def init_fn(params):
     z = jnp.zeros((), jnp.float32)
     i = jnp.zeros((), jnp.int32)

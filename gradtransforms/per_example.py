@@ -49,6 +49,7 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
   _checks.nonnegative("l2_norm_clip", l2_norm_clip)
   _checks.one_of("reduce", reduce, ("mean", "sum"))
 
+  @num.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)

@@ -49,6 +49,7 @@ def quantile_clip(target_quantile: float = 0.5, learning_rate: float = 0.2,
   _checks.positive("learning_rate", learning_rate)
   _checks.positive("initial_clip", initial_clip)
 
+  @num.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)

@@ -53,6 +53,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
   _checks.positive("threshold", threshold)
   _checks.in_range("b2", b2, 0.0, 1.0, hi_open=True)
 
+  @num.fresh_state
   def init_fn(params):
     return SpikeClipState(jnp.zeros((), jnp.int32),
                           jax.tree.map(jnp.zeros_like, params),
@@ -126,6 +127,7 @@ def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
   interval = _checks.integer("interval", interval, minimum=1)
   inner = optax.with_extra_args_support(inner)
 
+  @num.fresh_state
   def init_fn(params):
     return MomentResetState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
                             inner.init(params))

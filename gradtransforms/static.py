@@ -102,6 +102,7 @@ def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
   """
   _checks.nonnegative("max_norm", max_norm)
 
+  @num.fresh_state
   def init_fn(params):
     del params
     return ClipByGlobalNormState(jnp.zeros((), jnp.float32),
@@ -131,15 +132,19 @@ def clip_by_leaf_norm(max_norm: float, *, axis_name: str | None = None
   """
   _checks.nonnegative("max_norm", max_norm)
 
+  @num.fresh_state
   def init_fn(params):
     return ClipByLeafNormState(_scalar_tree(params), _ones_tree(params))
 
   def update_fn(updates, state, params=None):
     del state, params
     _checks.float_leaves("updates", updates)
-    _, leaf_norm = num.tree_norms(updates, axis_name)
-    s = jax.tree.map(lambda n: num.clip_scale(n, max_norm), leaf_norm)
-    return num.scale_tree(updates, s), ClipByLeafNormState(leaf_norm, s)
+    leaves, treedef = jax.tree.flatten(updates)
+    _, norms = num.norms(leaves, axis_name)
+    s = num.clip_scale(norms, max_norm)  # one vector op, not one per leaf
+    as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
+    return (num.scale_leaves(treedef, leaves, s),
+            ClipByLeafNormState(as_tree(norms), as_tree(s)))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -160,23 +165,23 @@ def clip_by_block_rms(threshold: float, *, axis_name: str | None = None
   """
   _checks.nonnegative("threshold", threshold)
 
+  @num.fresh_state
   def init_fn(params):
     return ClipByBlockRMSState(_scalar_tree(params), _ones_tree(params))
 
   def update_fn(updates, state, params=None):
     del state, params
     _checks.float_leaves("updates", updates)
-    _, leaf_norm = num.tree_norms(updates, axis_name)
-
-    def rms(u, n):
-      size = jnp.asarray(max(u.size, 1), jnp.float32)
-      if axis_name is not None:
-        size = jax.lax.psum(size, axis_name)
-      return n / jnp.sqrt(size)
-
-    r = jax.tree.map(rms, updates, leaf_norm)
-    s = jax.tree.map(lambda x: num.clip_scale(x, threshold), r)
-    return num.scale_tree(updates, s), ClipByBlockRMSState(r, s)
+    leaves, treedef = jax.tree.flatten(updates)
+    _, norms = num.norms(leaves, axis_name)
+    sizes = jnp.asarray([max(x.size, 1) for x in leaves], jnp.float32)
+    if axis_name is not None:
+      sizes = jax.lax.psum(sizes, axis_name)
+    r = norms * jax.lax.rsqrt(sizes)
+    s = num.clip_scale(r, threshold)
+    as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
+    return (num.scale_leaves(treedef, leaves, s),
+            ClipByBlockRMSState(as_tree(r), as_tree(s)))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -221,6 +226,7 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3
   _checks.nonnegative("clipping", clipping)
   _checks.nonnegative("eps", eps)
 
+  @num.fresh_state
   def init_fn(params):
     return AdaptiveGradClipState(_scalar_tree(params))
 

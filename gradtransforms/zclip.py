@@ -95,6 +95,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   _checks.positive("clip_factor", clip_factor)
   cap = jnp.inf if max_grad_norm is None else max_grad_norm
 
+  @num.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)

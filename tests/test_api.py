@@ -1,0 +1,53 @@
+"""Properties every public transform shares: donation, jit, chain, docs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import random_tree
+
+import gradtransforms as gt
+
+ALL = {
+    "clip_by_value": lambda: gt.clip_by_value(1.0),
+    "clip_by_global_norm": lambda: gt.clip_by_global_norm(1.0),
+    "clip_by_leaf_norm": lambda: gt.clip_by_leaf_norm(1.0),
+    "clip_by_block_rms": lambda: gt.clip_by_block_rms(1.0),
+    "adaptive_grad_clip": lambda: gt.adaptive_grad_clip(0.1),
+    "autoclip": lambda: gt.autoclip(history=16),
+    "zclip": lambda: gt.zclip(warmup_steps=2),
+    "adagc": lambda: gt.adagc(warmup_steps=2),
+    "spike_clip": gt.spike_clip,
+    "clippy": gt.clippy,
+    "quantile_clip": gt.quantile_clip,
+    "monitor": lambda: gt.monitor(per_leaf=True),
+    "detect_spikes": gt.detect_spikes,
+    "guard": lambda: gt.guard(optax.adam(1e-3), on=("spike", "loss_spike"),
+                              max_consecutive=2, reset_inner_state=True),
+    "with_moment_reset": lambda: gt.with_moment_reset(optax.adam(1e-3), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_donated_jit_step_chained_with_adam(name):
+  params = random_tree(0)
+  tx = optax.chain(optax.with_extra_args_support(ALL[name]()), optax.adam(1e-3))
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = tx.init(params)
+  for i in range(3):
+    params, state = step(params, state, random_tree(i + 1))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  assert step._cache_size() == 1
+  assert all(not k.startswith("@") for k in gt.metrics(state))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_public_transforms_document_formula_defaults_and_args(name):
+  doc = getattr(gt, name).__doc__
+  assert doc and "Args:" in doc and "State:" in doc or name == "with_moment_reset"
