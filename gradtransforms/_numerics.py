@@ -96,6 +96,17 @@ def scale_leaves(treedef: Any, leaves: Sequence[jax.Array], s: jax.Array) -> Any
   return jax.tree.unflatten(treedef, [scale(x, s[i]) for i, x in enumerate(leaves)])
 
 
+def detach(updates: Any, figures: Any) -> tuple[Any, Any]:
+  """Returns ``(updates, figures)`` behind an ``optimization_barrier``.
+
+  For transforms that only *record* a reduction over ``updates`` (monitors,
+  detectors): without the barrier XLA on CPU may fuse that reduction with
+  the optimizer's elementwise update into one multi-output loop, which runs
+  on one thread; measured 2-2.5x an Adam step instead of ~1.15x.
+  """
+  return lax.optimization_barrier((updates, figures))
+
+
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   """Elementwise ``where(pred, a, b)`` over two trees with a scalar pred."""
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

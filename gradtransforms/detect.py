@@ -115,6 +115,18 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *,
       first_step, first_leaf, jax.tree.unflatten(treedef, first_leaf_list))
 
 
+def spike_rule(z_thresh, warmup_steps, alpha, loss_z_thresh, axis_name
+               ) -> dict[str, Any]:
+  """Validates the spike rule's arguments; returns :func:`observe`'s kwargs."""
+  _checks.positive("z_thresh", z_thresh)
+  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
+  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
+  loss_z_thresh = z_thresh if loss_z_thresh is None else loss_z_thresh
+  _checks.positive("loss_z_thresh", loss_z_thresh)
+  return dict(z_thresh=z_thresh, loss_z_thresh=loss_z_thresh,
+              warmup_steps=warmup_steps, alpha=alpha, axis_name=axis_name)
+
+
 def event_figures(state: DetectSpikesState) -> dict[str, jax.Array]:
   return {k.split("/", 1)[1]: v for k, v in metrics(state).items()
           if "leaf_first_nonfinite" not in k}
@@ -154,22 +166,16 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
       (None) by default: nothing is traced then.
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
-  _checks.positive("z_thresh", z_thresh)
-  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
-  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
-  loss_z_thresh = z_thresh if loss_z_thresh is None else loss_z_thresh
-  _checks.positive("loss_z_thresh", loss_z_thresh)
+  rule = spike_rule(z_thresh, warmup_steps, alpha, loss_z_thresh, axis_name)
   _events.check_hook(on_event)
 
   def update_fn(updates, state, params=None, **extra):
     del params
     _checks.float_leaves("updates", updates)
-    new = observe(state, updates, extra.get("value"), z_thresh=z_thresh,
-                  loss_z_thresh=loss_z_thresh, warmup_steps=warmup_steps,
-                  alpha=alpha, axis_name=axis_name)
+    new = observe(state, updates, extra.get("value"), **rule)
     _events.emit(on_event, new.norm_spike | new.loss_spike | new.nonfinite,
                  event_figures(new))
-    return updates, new
+    return num.detach(updates, new)
 
   return optax.GradientTransformationExtraArgs(init_state, update_fn)
 

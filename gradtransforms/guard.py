@@ -90,11 +90,8 @@ def guard(inner: optax.GradientTransformation,
   _checks.one_of("action", action, ACTIONS)
   if max_consecutive is not None:
     max_consecutive = _checks.integer("max_consecutive", max_consecutive, 1)
-  _checks.positive("z_thresh", z_thresh)
-  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
-  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
-  loss_z_thresh = z_thresh if loss_z_thresh is None else loss_z_thresh
-  _checks.positive("loss_z_thresh", loss_z_thresh)
+  rule = detect.spike_rule(z_thresh, warmup_steps, alpha, loss_z_thresh,
+                           axis_name)
   _events.check_hook(on_event)
   inner = optax.with_extra_args_support(inner)
 
@@ -108,10 +105,8 @@ def guard(inner: optax.GradientTransformation,
     _checks.float_leaves("updates", updates)
     if reset_inner_state and params is None:
       raise ValueError("guard(reset_inner_state=True) needs params in update")
-    det = detect.observe(state.detector, updates, extra.get("value"),
-                         z_thresh=z_thresh, loss_z_thresh=loss_z_thresh,
-                         warmup_steps=warmup_steps, alpha=alpha,
-                         axis_name=axis_name)
+    det = detect.observe(state.detector, updates, extra.get("value"), **rule)
+    updates, det = num.detach(updates, det)
     nonfinite = det.nonfinite
     spike = jnp.zeros((), jnp.bool_)
     if "spike" in triggers:

@@ -74,6 +74,6 @@ def monitor(per_leaf: bool = False, alpha: float = 0.98, *,
     new = MonitorState(state.step + 1, n, leaf_norm if per_leaf else (),
                        stats.mean, stats.var, stats.count, z, bad_leaves,
                        state.nonfinite_steps + (bad_leaves > 0).astype(jnp.int32))
-    return updates, new
+    return num.detach(updates, new)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -326,3 +326,19 @@ def test_adaptive_bad_arguments(make, arg):
 def test_autoclip_history_must_be_int():
   with pytest.raises(TypeError, match="history"):
     gt.autoclip(history=10.5)
+
+
+@pytest.mark.parametrize("name", ["autoclip", "zclip", "adagc", "quantile_clip"])
+def test_a_nonfinite_step_is_invisible_to_the_statistics(name):
+  make = ADAPTIVE[name]
+  seq = [random_tree(300 + i, scale=1.0 + 0.2 * i) for i in range(6)]
+  nan = jax.tree.map(lambda x: x * jnp.nan, seq[0])
+  inf = jax.tree.map(lambda x: x.at[...].set(jnp.inf), seq[0])
+  outs = []
+  for stream in (seq, seq[:3] + [nan, inf] + seq[3:]):
+    tx = make()
+    state, step = tx.init(seq[0]), jax.jit(tx.update)
+    for g in stream:
+      u, state = step(g, state)
+    outs.append(u)
+  chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-6)

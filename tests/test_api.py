@@ -51,3 +51,20 @@ def test_donated_jit_step_chained_with_adam(name):
 def test_public_transforms_document_formula_defaults_and_args(name):
   doc = getattr(gt, name).__doc__
   assert doc and "Args:" in doc and "State:" in doc or name == "with_moment_reset"
+
+
+def test_metrics_through_multi_transform_and_duplicates():
+  params = {"enc": random_tree(0), "dec": random_tree(1)}
+  labels = {"enc": jax.tree.map(lambda _: "a", params["enc"]),
+            "dec": jax.tree.map(lambda _: "b", params["dec"])}
+  tx = optax.multi_transform(
+      {"a": optax.chain(gt.clip_by_global_norm(1.0), optax.sgd(0.1)),
+       "b": optax.chain(gt.clip_by_global_norm(2.0), optax.adam(1e-3))}, labels)
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(params, state, params)
+  m = gt.metrics(state)
+  assert set(m) == {"clip_by_global_norm@a.0/norm", "clip_by_global_norm@a.0/scale",
+                    "clip_by_global_norm@b.0/norm", "clip_by_global_norm@b.0/scale"}
+  from conftest import np_global_norm
+  np.testing.assert_allclose(m["clip_by_global_norm@a.0/norm"],
+                             np_global_norm(params["enc"]), rtol=1e-5)

@@ -27,6 +27,18 @@ class _Recurrent(nnx.Module):
   def _readout_init(self, out_features: int, rngs: nnx.Rngs) -> None:
     self.out = nnx.Linear(self.hidden, out_features, rngs=rngs)
 
+  def _gated_init(self, hidden, gates, in_features, out_features, rngs):
+    """``w_x`` (in, gates*hidden), ``w_h`` (hidden, gates*hidden) orthogonal
+    per gate, ``b`` zeros, and the read-out."""
+    self.hidden = _checks.integer("hidden", hidden, minimum=1)
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.w_x = nnx.Param(_normal(rngs.params(), (in_features, gates * hidden),
+                                 in_features))
+    self.w_h = nnx.Param(jnp.concatenate(
+        [_orthogonal(rngs.params(), hidden) for _ in range(gates)], axis=1))
+    self.b = nnx.Param(jnp.zeros((gates * hidden,)))
+    self._readout_init(out_features, rngs)
+
   def cell(self, params, carry, x):
     raise NotImplementedError
 
@@ -93,14 +105,8 @@ class LSTM(_Recurrent):
 
   def __init__(self, hidden: int, *, in_features: int = 1,
                out_features: int = 1, rngs: nnx.Rngs | None = None):
-    self.hidden = _checks.integer("hidden", hidden, minimum=1)
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    self.w_x = nnx.Param(_normal(rngs.params(), (in_features, 4 * hidden),
-                                 in_features))
-    self.w_h = nnx.Param(jnp.concatenate(
-        [_orthogonal(rngs.params(), hidden) for _ in range(4)], axis=1))
-    self.b = nnx.Param(jnp.zeros((4 * hidden,)).at[hidden:2 * hidden].set(1.0))
-    self._readout_init(out_features, rngs)
+    self._gated_init(hidden, 4, in_features, out_features, rngs)
+    self.b = nnx.Param(self.b[...].at[hidden:2 * hidden].set(1.0))  # forget
 
   def init_carry(self, batch: int):
     z = jnp.zeros((batch, self.hidden))
@@ -129,14 +135,7 @@ class GRU(_Recurrent):
 
   def __init__(self, hidden: int, *, in_features: int = 1,
                out_features: int = 1, rngs: nnx.Rngs | None = None):
-    self.hidden = _checks.integer("hidden", hidden, minimum=1)
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    self.w_x = nnx.Param(_normal(rngs.params(), (in_features, 3 * hidden),
-                                 in_features))
-    self.w_h = nnx.Param(jnp.concatenate(
-        [_orthogonal(rngs.params(), hidden) for _ in range(3)], axis=1))
-    self.b = nnx.Param(jnp.zeros((3 * hidden,)))
-    self._readout_init(out_features, rngs)
+    self._gated_init(hidden, 3, in_features, out_features, rngs)
 
   def cell_params(self):
     return self.w_x[...], self.w_h[...], self.b[...]
