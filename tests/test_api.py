@@ -68,3 +68,24 @@ def test_metrics_through_multi_transform_and_duplicates():
   from conftest import np_global_norm
   np.testing.assert_allclose(m["clip_by_global_norm@a.0/norm"],
                              np_global_norm(params["enc"]), rtol=1e-5)
+
+
+def test_readme_example_runs():
+  params = random_tree(0)
+  loss_fn = lambda p, batch: sum(jnp.sum((x * batch) ** 2) for x in jax.tree.leaves(p))
+  tx = gt.guard(optax.chain(gt.zclip(), optax.adamw(3e-4)), on="spike",
+                max_consecutive=10)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, value=loss)
+    return optax.apply_updates(params, updates), state, loss
+
+  params, state, loss = step(params, state, jnp.float32(1.0))
+  m = gt.metrics(state)
+  for key in ("detect_spikes/norm", "detect_spikes/norm_zscore", "guard/skipped",
+              "guard/halt", "zclip/threshold", "zclip/clipped"):
+    assert key in m
+  assert set(gt.culprits(state, params)) >= {"detect_spikes/culprit"}

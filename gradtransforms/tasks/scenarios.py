@@ -66,6 +66,9 @@ METHODS: dict[str, Callable[[optax.GradientTransformation],
     "adagc": lambda opt: optax.chain(gt.adagc(warmup_steps=20), opt),
     "guard(spike)": lambda opt: gt.guard(opt, on=("spike", "loss_spike"),
                                          warmup_steps=5),
+    "global_norm+guard": lambda opt: gt.guard(
+        optax.chain(gt.clip_by_global_norm(1.0), opt),
+        on=("spike", "loss_spike"), warmup_steps=5),
 }
 
 
