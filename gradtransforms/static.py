@@ -56,6 +56,24 @@ def _ones_tree(params) -> optax.Updates:
   return jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
 
 
+def _clip_per_leaf(updates, bound, axis_name, rms: bool):
+  """Scales each leaf to ``||u_i|| <= bound`` (``rms``: ``||u_i|| / sqrt(size_i)``).
+
+  Returns ``(clipped tree, per-leaf measure tree, per-leaf scale tree)``; the
+  scales are one vector op over the leaves, not one op per leaf.
+  """
+  leaves, treedef = jax.tree.flatten(updates)
+  _, m = num.norms(leaves, axis_name)
+  if rms:
+    sizes = jnp.asarray([max(x.size, 1) for x in leaves], jnp.float32)
+    if axis_name is not None:
+      sizes = jax.lax.psum(sizes, axis_name)
+    m = m * jax.lax.rsqrt(sizes)
+  s = num.clip_scale(m, bound)
+  as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
+  return num.scale_leaves(treedef, leaves, s), as_tree(m), as_tree(s)
+
+
 def clip_by_value(max_abs: float) -> optax.GradientTransformation:
   """Clips every element to ``[-max_abs, max_abs]``.
 
@@ -139,12 +157,8 @@ def clip_by_leaf_norm(max_norm: float, *, axis_name: str | None = None
   def update_fn(updates, state, params=None):
     del state, params
     _checks.float_leaves("updates", updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    _, norms = num.norms(leaves, axis_name)
-    s = num.clip_scale(norms, max_norm)  # one vector op, not one per leaf
-    as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
-    return (num.scale_leaves(treedef, leaves, s),
-            ClipByLeafNormState(as_tree(norms), as_tree(s)))
+    new, norm, s = _clip_per_leaf(updates, max_norm, axis_name, rms=False)
+    return new, ClipByLeafNormState(norm, s)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -172,16 +186,8 @@ def clip_by_block_rms(threshold: float, *, axis_name: str | None = None
   def update_fn(updates, state, params=None):
     del state, params
     _checks.float_leaves("updates", updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    _, norms = num.norms(leaves, axis_name)
-    sizes = jnp.asarray([max(x.size, 1) for x in leaves], jnp.float32)
-    if axis_name is not None:
-      sizes = jax.lax.psum(sizes, axis_name)
-    r = norms * jax.lax.rsqrt(sizes)
-    s = num.clip_scale(r, threshold)
-    as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
-    return (num.scale_leaves(treedef, leaves, s),
-            ClipByBlockRMSState(as_tree(r), as_tree(s)))
+    new, r, s = _clip_per_leaf(updates, threshold, axis_name, rms=True)
+    return new, ClipByBlockRMSState(r, s)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

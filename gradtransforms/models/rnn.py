@@ -39,6 +39,10 @@ class _Recurrent(nnx.Module):
     self.b = nnx.Param(jnp.zeros((gates * hidden,)))
     self._readout_init(out_features, rngs)
 
+  def cell_params(self):
+    """The arrays ``cell`` needs, read once outside the time scan."""
+    return self.w_x[...], self.w_h[...], self.b[...]
+
   def cell(self, params, carry, x):
     raise NotImplementedError
 
@@ -112,9 +116,6 @@ class LSTM(_Recurrent):
     z = jnp.zeros((batch, self.hidden))
     return (z, z)
 
-  def cell_params(self):
-    return self.w_x[...], self.w_h[...], self.b[...]
-
   def cell(self, params, carry, x):
     w_x, w_h, b = params
     h, c = carry
@@ -136,9 +137,6 @@ class GRU(_Recurrent):
   def __init__(self, hidden: int, *, in_features: int = 1,
                out_features: int = 1, rngs: nnx.Rngs | None = None):
     self._gated_init(hidden, 3, in_features, out_features, rngs)
-
-  def cell_params(self):
-    return self.w_x[...], self.w_h[...], self.b[...]
 
   def cell(self, params, h, x):
     w_x, w_h, b = params
