@@ -34,3 +34,21 @@ from gradtransforms.static import (
 from gradtransforms.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # static clipping
+    "clip_by_value", "clip_by_global_norm", "clip_by_leaf_norm",
+    "clip_by_block_rms", "adaptive_grad_clip", "per_example_clip",
+    # adaptive clipping
+    "autoclip", "zclip", "adagc", "spike_clip", "with_moment_reset", "clippy",
+    "quantile_clip",
+    # detection, guards, diagnosis
+    "monitor", "detect_spikes", "guard", "culprits", "diagnose", "Diagnosis",
+    # reading figures
+    "metrics", "leaf_names",
+    # states
+    "AdaGCState", "AdaptiveGradClipState", "AutoClipState", "ClipByBlockRMSState",
+    "ClipByGlobalNormState", "ClipByLeafNormState", "ClippyState",
+    "DetectSpikesState", "GuardState", "MomentResetState", "MonitorState",
+    "PerExampleClipState", "QuantileClipState", "SpikeClipState", "ZClipState",
+]
