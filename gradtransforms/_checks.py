@@ -65,7 +65,19 @@ def in_range(name: str, value: Any, lo: float, hi: float,
 
 
 def integer(name: str, value: Any, minimum: int = 0) -> int:
-  """Returns ``value`` as a Python int, raising unless it is an int >= minimum."""
+  """Returns ``value`` as a Python int, raising unless it is an int >= minimum.
+
+  These arguments are static (buffer sizes, step counts compiled into the
+  step). A concrete integer array (``optax.inject_hyperparams`` at init) is
+  accepted; a traced one is refused with a hint to mark it static.
+  """
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} is static and cannot be traced; with optax.inject_hyperparams "
+        f"pass static_args=({name!r},)")
+  if (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and
+      jnp.issubdtype(value.dtype, jnp.integer)):
+    value = int(value)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {value!r}")
   if value < minimum:

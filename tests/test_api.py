@@ -89,3 +89,18 @@ def test_readme_example_runs():
               "guard/halt", "zclip/threshold", "zclip/clipped"):
     assert key in m
   assert set(gt.culprits(state, params)) >= {"detect_spikes/culprit"}
+
+
+def test_inject_hyperparams_with_static_and_string_arguments():
+  p = {"a": jnp.ones(3)}
+  tx = optax.inject_hyperparams(gt.zclip, static_args=("warmup_steps",))(
+      alpha=0.9, mode="percentile", max_grad_norm=None, warmup_steps=2)
+  s = tx.init(p)
+  for _ in range(3):
+    _, s = jax.jit(tx.update)(p, s)
+  assert int(gt.metrics(s)["zclip/count"]) == 3
+  np.testing.assert_allclose(gt.metrics(s)["zclip/norm"], np.sqrt(3.0), rtol=1e-6)
+  bad = optax.inject_hyperparams(gt.zclip)(warmup_steps=2)
+  s = bad.init(p)  # concrete at init: accepted
+  with pytest.raises(TypeError, match="static_args"):
+    jax.jit(bad.update)(p, s)
