@@ -168,6 +168,13 @@ def percentile(buffer: jax.Array, count: jax.Array, q: Any) -> jax.Array:
   return jnp.where(n > 0, out, jnp.nan)
 
 
+def warm_alpha(alpha: Any, count: jax.Array) -> jax.Array:
+  """EMA factor ``min(alpha, k / (k + 1))`` after ``k`` observations: the
+  first steps give the exact running mean instead of a bias towards 0."""
+  k = count.astype(F32)
+  return jnp.minimum(jnp.asarray(alpha, F32), k / (k + 1.0))
+
+
 class SeriesStats(NamedTuple):
   """Running statistics of a scalar series, for spike detection."""
   mean: jax.Array
@@ -198,8 +205,7 @@ def series_observe(stats: SeriesStats, x: jax.Array, alpha: Any,
   z = zscore(MeanVar(stats.mean, stats.var), x, eps)
   spike = ok & (stats.count >= warmup_steps) & (z > z_thresh)
   folded = jnp.where(spike, stats.mean + z_thresh * jnp.sqrt(stats.var), x)
-  k = stats.count.astype(F32)
-  a = jnp.minimum(jnp.asarray(alpha, F32), k / (k + 1.0))
+  a = warm_alpha(alpha, stats.count)
   mv = ema_mean_var(MeanVar(stats.mean, stats.var), folded, a, ok)
   z = jnp.where(ok & (stats.count > 0), z, 0.0)
   return SeriesStats(mv.mean, mv.var, stats.count + ok.astype(jnp.int32)), z, spike
@@ -215,7 +221,14 @@ def fresh_state(init_fn):
   the same types as ``init``'s and a jitted step compiles once.
   """
   def wrapped(params):
-    return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.result_type(x),
-                                            copy=True), init_fn(params))
+    return fresh(init_fn(params))
   wrapped.__doc__ = init_fn.__doc__
   return wrapped
+
+
+def fresh(tree: Any) -> Any:
+  """A copy of ``tree`` with one strongly typed buffer per leaf (see
+  :func:`fresh_state`). Wrappers apply it to their own fields only, so an
+  inner optimizer's (parameter-sized) state is not copied."""
+  return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.result_type(x),
+                                          copy=True), tree)

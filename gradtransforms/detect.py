@@ -71,10 +71,10 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *,
   leaves, treedef = jax.tree.flatten(updates)
   n, leaf_n = num.norms(leaves, axis_name)
   finite = jnp.isfinite(n)
-  given = loss
+  has_loss = loss is not None
   norm_stats, norm_z, norm_spike = num.series_observe(
       state.norm_stats, jnp.log(n), alpha, z_thresh, warmup_steps)
-  if loss is None:
+  if not has_loss:
     loss = jnp.full((), jnp.nan)
     loss_stats, loss_z, loss_spike = state.loss_stats, jnp.zeros(()), False
   else:
@@ -82,7 +82,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *,
     loss_stats, loss_z, loss_spike = num.series_observe(
         state.loss_stats, loss, alpha, loss_z_thresh, warmup_steps)
   loss_spike = jnp.asarray(loss_spike)
-  nonfinite = ~finite if given is None else ~finite | ~jnp.isfinite(loss)
+  nonfinite = ~finite | ~jnp.isfinite(loss) if has_loss else ~finite
 
   # Layer attribution: growth of each leaf's log-norm over its running mean.
   log_leaf = jnp.log(leaf_n)
@@ -93,8 +93,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *,
   culprit = jnp.where(event & seen, jnp.argmax(growth).astype(_I32),
                       state.culprit)
   culprit_step = jnp.where(event & seen, state.step, state.culprit_step)
-  k = state.norm_stats.count.astype(jnp.float32)
-  a = jnp.minimum(alpha, k / (k + 1.0))
+  a = num.warm_alpha(alpha, state.norm_stats.count)
   leaf_ok = jnp.isfinite(log_leaf) & ~norm_spike
   leaf_log_mean = jnp.where(leaf_ok, a * state.leaf_log_mean + (1 - a) * log_leaf,
                             state.leaf_log_mean)

@@ -95,11 +95,10 @@ def guard(inner: optax.GradientTransformation,
   _events.check_hook(on_event)
   inner = optax.with_extra_args_support(inner)
 
-  @num.fresh_state
   def init_fn(params):
     i, f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)
-    return GuardState(i, f, i, i, f, i, i, detect.init_state(params),
-                      inner.init(params))
+    return GuardState(*num.fresh((i, f, i, i, f, i, i)),
+                      detect.init_state(params), inner.init(params))
 
   def update_fn(updates, state, params=None, **extra):
     _checks.float_leaves("updates", updates)

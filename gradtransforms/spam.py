@@ -53,8 +53,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
   _checks.positive("threshold", threshold)
   _checks.in_range("b2", b2, 0.0, 1.0, hi_open=True)
 
-  @num.fresh_state
-  def init_fn(params):
+  def init_fn(params):  # distinct, strongly typed buffers: no copy needed
     return SpikeClipState(jnp.zeros((), jnp.int32),
                           jax.tree.map(jnp.zeros_like, params),
                           jnp.zeros((), jnp.float32))
@@ -85,7 +84,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
     if axis_name is not None:
       size, clipped = jax.lax.psum((size, clipped), axis_name)
     frac = clipped / size
-    return new_g, SpikeClipState(t + 1, new_v, jnp.asarray(frac, jnp.float32))
+    return new_g, SpikeClipState(t + 1, new_v, frac)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -127,7 +126,6 @@ def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
   interval = _checks.integer("interval", interval, minimum=1)
   inner = optax.with_extra_args_support(inner)
 
-  @num.fresh_state
   def init_fn(params):
     return MomentResetState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
                             inner.init(params))

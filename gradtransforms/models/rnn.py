@@ -27,21 +27,8 @@ class _Recurrent(nnx.Module):
   def _readout_init(self, out_features: int, rngs: nnx.Rngs) -> None:
     self.out = nnx.Linear(self.hidden, out_features, rngs=rngs)
 
-  def _gated_init(self, hidden, gates, in_features, out_features, rngs):
-    """``w_x`` (in, gates*hidden), ``w_h`` (hidden, gates*hidden) orthogonal
-    per gate, ``b`` zeros, and the read-out."""
-    self.hidden = _checks.integer("hidden", hidden, minimum=1)
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    self.w_x = nnx.Param(_normal(rngs.params(), (in_features, gates * hidden),
-                                 in_features))
-    self.w_h = nnx.Param(jnp.concatenate(
-        [_orthogonal(rngs.params(), hidden) for _ in range(gates)], axis=1))
-    self.b = nnx.Param(jnp.zeros((gates * hidden,)))
-    self._readout_init(out_features, rngs)
-
   def cell_params(self):
-    """The arrays ``cell`` needs, read once outside the time scan."""
-    return self.w_x[...], self.w_h[...], self.b[...]
+    raise NotImplementedError
 
   def cell(self, params, carry, x):
     raise NotImplementedError
@@ -94,7 +81,30 @@ class ElmanRNN(_Recurrent):
     return jnp.tanh(x @ w_xh + h @ w_hh + b)
 
 
-class LSTM(_Recurrent):
+class _Gated(_Recurrent):
+  """Gated cells: ``w_x`` (in, gates*hidden), ``w_h`` (hidden, gates*hidden)
+  orthogonal per gate, ``b`` zeros, then the read-out."""
+
+  gates: int
+
+  def __init__(self, hidden: int, *, in_features: int = 1,
+               out_features: int = 1, rngs: nnx.Rngs | None = None):
+    self.hidden = _checks.integer("hidden", hidden, minimum=1)
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    g = self.gates
+    self.w_x = nnx.Param(_normal(rngs.params(), (in_features, g * hidden),
+                                 in_features))
+    self.w_h = nnx.Param(jnp.concatenate(
+        [_orthogonal(rngs.params(), hidden) for _ in range(g)], axis=1))
+    self.b = nnx.Param(jnp.zeros((g * hidden,)))
+    self._readout_init(out_features, rngs)
+
+  def cell_params(self):
+    """The arrays ``cell`` needs, read once outside the time scan."""
+    return self.w_x[...], self.w_h[...], self.b[...]
+
+
+class LSTM(_Gated):
   """LSTM (Hochreiter & Schmidhuber, 1997) with forget-gate bias 1.
 
   ``i, f, o = sigmoid(.)``, ``g = tanh(.)`` of ``x_t W_x + h_{t-1} W_h + b``;
@@ -107,9 +117,12 @@ class LSTM(_Recurrent):
     rngs: ``nnx.Rngs`` (default ``nnx.Rngs(0)``).
   """
 
+  gates = 4
+
   def __init__(self, hidden: int, *, in_features: int = 1,
                out_features: int = 1, rngs: nnx.Rngs | None = None):
-    self._gated_init(hidden, 4, in_features, out_features, rngs)
+    super().__init__(hidden, in_features=in_features,
+                     out_features=out_features, rngs=rngs)
     self.b = nnx.Param(self.b[...].at[hidden:2 * hidden].set(1.0))  # forget
 
   def init_carry(self, batch: int):
@@ -124,7 +137,7 @@ class LSTM(_Recurrent):
     return (jax.nn.sigmoid(o) * jnp.tanh(c), c)
 
 
-class GRU(_Recurrent):
+class GRU(_Gated):
   """GRU (Cho et al., 2014): ``z, r = sigmoid(.)``,
   ``n = tanh(x W_xn + r * (h W_hn) + b_n)``, ``h_t = (1 - z) n + z h_{t-1}``.
 
@@ -134,9 +147,7 @@ class GRU(_Recurrent):
     rngs: ``nnx.Rngs`` (default ``nnx.Rngs(0)``).
   """
 
-  def __init__(self, hidden: int, *, in_features: int = 1,
-               out_features: int = 1, rngs: nnx.Rngs | None = None):
-    self._gated_init(hidden, 3, in_features, out_features, rngs)
+  gates = 3
 
   def cell(self, params, h, x):
     w_x, w_h, b = params
