@@ -194,33 +194,50 @@ def test_adagc_matches_reference():
 
 
 def spam_ref(seq, theta, b2):
-  v, outs = [np.zeros_like(x) for x in seq[0]], []
+  """SPAM's rule in NumPy (float64); also each step's largest |g| - bound
+  over clipped entries (None when nothing was clipped)."""
+  v, outs, excess = [np.zeros_like(x, np.float64) for x in seq[0]], [], []
   for t, leaves in enumerate(seq):
-    new_out, new_v = [], []
+    new_out, new_v, worst = [], [], None
     for g, vi in zip(leaves, v):
+      g = g.astype(np.float64)
       if t > 0:
         bound = theta * vi / (1 - b2 ** t)
-        g = np.where(g * g > bound, np.sign(g) * np.sqrt(bound), g)
+        spike = g * g > bound
+        if spike.any():
+          e = np.max(np.abs(g[spike]) - np.sqrt(bound[spike]))
+          worst = e if worst is None else max(worst, e)
+        g = np.where(spike, np.sign(g) * np.sqrt(bound), g)
       new_out.append(g)
       new_v.append(b2 * vi + (1 - b2) * g * g)
     outs.append(new_out)
+    excess.append(worst)
     v = new_v
-  return outs
+  return outs, excess
 
 
-def test_spike_clip_matches_reference():
-  seq = [random_tree(200 + t) for t in range(12)]
+@pytest.mark.parametrize("theta,b2,steps", [(50.0, 0.9, 12), (5000.0, 0.999, 60)])
+def test_spike_clip_matches_reference(theta, b2, steps):
+  seq = [random_tree(200 + t) for t in range(steps)]
   seq[6]["conv"][0] = seq[6]["conv"][0].at[0, 0, 0, 0].set(1e4)  # one entry
-  tx = gt.spike_clip(threshold=50.0, b2=0.9)
-  state, step, outs = tx.init(seq[0]), jax.jit(tx.update), []
+  tx = gt.spike_clip(threshold=theta, b2=b2)
+  state, step, outs, figures = tx.init(seq[0]), jax.jit(tx.update), [], []
   for tree in seq:
     u, state = step(tree, state)
     outs.append(np_leaves(u))
-  expect = spam_ref([np_leaves(t) for t in seq], 50.0, 0.9)
+    figures.append((bool(state.clipped), float(state.max_excess)))
+  expect, excess = spam_ref([np_leaves(t) for t in seq], theta, b2)
   for o, e in zip(outs, expect):
     for a, b in zip(o, e):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert abs(outs[6][gt.leaf_names(seq[0]).index("conv/0")].flat[0]) < 100
+  for (clipped, got), want in zip(figures, excess):
+    assert clipped == (want is not None)
+    if want is None:
+      assert got <= 0
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  assert figures[0] == (False, -np.inf) and figures[6][0]
+  assert abs(outs[6][gt.leaf_names(seq[0]).index("conv/0")].flat[0]) < 1e3
 
 
 def test_spike_clip_nonfinite_never_enters_state():
@@ -233,7 +250,7 @@ def test_spike_clip_nonfinite_never_enters_state():
   out, state = tx.update(bad, state)
   assert np.isfinite(float(out["scalar"]))  # Inf is a spike: clipped to bound
   assert np.isnan(float(out["dense"]["w"][0, 0]))  # NaN passes
-  assert all(np.all(np.isfinite(x)) for x in np_leaves(state.nu))
+  assert all(np.all(np.isfinite(x)) for x in np_leaves(state.bound))
 
 
 def test_with_moment_reset_zeroes_adam_moments():

@@ -82,8 +82,8 @@ def test_state_shardings_follow_params(mesh):
   tx = optax.chain(gt.spike_clip(), optax.adam(1e-3))
   state = tx.init(params)
   _, state = jax.jit(tx.update)(params, state, params)
-  for nu, p in zip(jax.tree.leaves(state[0].nu), jax.tree.leaves(params)):
-    assert nu.sharding.is_equivalent_to(p.sharding, nu.ndim)
+  for b, p in zip(jax.tree.leaves(state[0].bound), jax.tree.leaves(params)):
+    assert b.sharding.is_equivalent_to(p.sharding, b.ndim)
 
 
 def _shard_map_update(mesh, tx):
