@@ -103,6 +103,31 @@ def detach(updates: Any, figures: Any) -> tuple[Any, Any]:
   return lax.optimization_barrier((updates, figures))
 
 
+def rollback(skip: jax.Array, updates: Any, old_state: Any, new_state: Any
+             ) -> tuple[Any, Any]:
+  """``(where(skip, -0.0, updates), where(skip, old_state, new_state))``.
+
+  For wrappers that undo an inner optimizer's step. The state select is
+  made to depend on a value of every update leaf (a comparison that is
+  always false, which XLA cannot fold), so the updates are computed before
+  the new state overwrites the old one in place. Otherwise XLA recomputes
+  the updates from the old state inside the caller's ``apply_updates`` and
+  has to copy the whole old state first: on CPU each copy is a fresh,
+  page-faulted buffer (6x an Adam step at 10M parameters; this way one
+  update-sized buffer is written instead). An ``optimization_barrier`` does
+  not do it: XLA removes barriers before it orders the copies. ``-0.0``
+  keeps every parameter bit-identical under ``apply_updates``, ``-0.0``
+  parameters included.
+  """
+  updates = jax.tree.map(
+      lambda u: jnp.where(skip, jnp.asarray(-0.0, u.dtype), u), updates)
+  firsts = [u.reshape(-1)[0].astype(F32) for u in jax.tree.leaves(updates)
+            if u.size]
+  if firsts:  # never true, not even for NaN: only the dependency matters
+    skip = skip | (jnp.max(jnp.stack(firsts)) > jnp.inf)
+  return updates, select_tree(skip, old_state, new_state)
+
+
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   """Elementwise ``where(pred, a, b)`` over two trees with a scalar pred."""
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

@@ -43,6 +43,12 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
   _checks.nonnegative("relative_factor", relative_factor)
   _checks.positive("absolute_factor", absolute_factor)
 
+  # |u| / (rel |w| + abs) = (|u| / (|w| + abs / rel)) / rel; rel = 0 (or so
+  # small that abs / rel overflows float32) bounds |u| by abs alone.
+  offset = absolute_factor / relative_factor if relative_factor else None
+  if offset is not None and offset > float(jnp.finfo(jnp.float32).max):
+    offset = None
+
   @num.fresh_state
   def init_fn(params):
     return ClippyState(jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
@@ -53,9 +59,16 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
     _checks.float_leaves("updates", updates)
 
     def one(u, w):
+      # max |u| / (rel |w| + abs), written with at most one scalar inside the
+      # reduction: XLA:CPU materialises every scalar broadcast it contains as
+      # a leaf-sized buffer (one per distinct leaf shape).
       acc = num.acc_dtype(u)
-      bound = relative_factor * jnp.abs(w.astype(acc)) + absolute_factor
-      ratio = jnp.max(jnp.abs(u.astype(acc)) / bound).astype(jnp.float32)
+      au = jnp.abs(u.astype(acc))
+      if offset is None:
+        ratio = jnp.max(au).astype(jnp.float32) / absolute_factor
+      else:
+        ratio = jnp.max(au / (jnp.abs(w.astype(acc)) + offset)
+                        ).astype(jnp.float32) / relative_factor
       if axis_name is not None:
         ratio = jax.lax.pmax(ratio, axis_name)
       return jnp.where(jnp.isfinite(ratio) & (ratio > 1), 1.0 / ratio, 1.0)

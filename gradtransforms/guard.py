@@ -123,10 +123,10 @@ def guard(inner: optax.GradientTransformation,
     else:
       g = updates
     new_updates, inner_state = inner.update(g, state.inner_state, params, **extra)
-    skip = {"skip": bad, "rescale": nonfinite, "zero": jnp.zeros((), bool)}[action]
-    new_updates = jax.tree.map(
-        lambda u: jnp.where(skip, jnp.asarray(-0.0, u.dtype), u), new_updates)
-    inner_state = num.select_tree(skip, state.inner_state, inner_state)
+    if action != "zero":  # with "zero", inner saw a zero gradient: keep that
+      skip = bad if action == "skip" else nonfinite
+      new_updates, inner_state = num.rollback(skip, new_updates,
+                                              state.inner_state, inner_state)
 
     consecutive = jnp.where(bad, state.consecutive + 1, 0)
     hit = jnp.zeros((), jnp.bool_)

@@ -104,3 +104,41 @@ def test_inject_hyperparams_with_static_and_string_arguments():
   s = bad.init(p)  # concrete at init: accepted
   with pytest.raises(TypeError, match="static_args"):
     jax.jit(bad.update)(p, s)
+
+
+# Parameter-sized buffers a compiled Adam step may allocate besides Adam's
+# own, as a multiple of the parameters' bytes (XLA's buffer assignment, so
+# no timing). Each one is a write and a read, and on CPU a freshly
+# page-faulted allocation every step: the main cost of a clip, if any.
+EXTRA_BUFFERS = {
+    "guard": 1.0,  # the update, materialised so it can be rolled back
+    # the update (its reduction and apply_updates both read it); and where
+    # leaves share a shape, XLA:CPU shares and materialises the scalar
+    # broadcasts of its reduction (the learning rate's among them): ~1 more.
+    "clippy": 2.0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_no_parameter_sized_temporaries(name):
+  rng = np.random.default_rng(0)
+  params = {f"w{i}": jnp.asarray(rng.normal(size=s), jnp.float32)
+            for i, s in enumerate([(256, 384), (256, 384), (384, 128), (384, 128),
+                                         (128, 64), (512,)])}
+  adam = optax.adam(1e-3)
+  tx = {"guard": ALL["guard"], "with_moment_reset": ALL["with_moment_reset"],
+        "clippy": lambda: optax.chain(adam, gt.clippy())}.get(
+            name, lambda: optax.chain(ALL[name](), adam))()
+  tx = optax.with_extra_args_support(tx)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+    return optax.apply_updates(params, updates), state
+
+  def temp_bytes(tx_step, state):
+    return jax.jit(tx_step, donate_argnums=(0, 1)).lower(
+        params, state, params).compile().memory_analysis().temp_size_in_bytes
+
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  extra = temp_bytes(step, tx.init(params)) / param_bytes
+  assert extra <= EXTRA_BUFFERS.get(name, 0.0) + 0.05, extra
