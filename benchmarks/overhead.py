@@ -4,8 +4,14 @@ Every method runs inside the same donated ``jax.jit`` training step
 (``update`` + ``apply_updates``) on the same gradients. Methods are timed
 interleaved, round-robin, in one process after warm-up; each ratio is the
 median over rounds of (method time / Adam time in the same round), so machine
-drift cancels. Compile times are reported too. Part (b) does the same for
-full training steps (forward, backward, update) of the reference models.
+drift cancels. Compile times are reported too, and minor page faults per
+step: on CPU, XLA allocates its temporaries afresh every step, and a
+temporary over glibc's mmap threshold (32 MB) is page-faulted each time,
+which costs more than the arithmetic (at 10M parameters one extra
+parameter-sized buffer roughly doubles an Adam step). The row "reference:
+one read" is the cheapest transform that reads the gradients once: the floor
+under any clip that needs a norm. Part (b) does the same for full training
+steps (forward, backward, update) of the reference models.
 
     python benchmarks/overhead.py                  # full run (make bench)
     python benchmarks/overhead.py --quick          # 1M params, a smoke test
@@ -18,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from datetime import date
@@ -41,9 +48,21 @@ def _before(make):
   return lambda opt: optax.chain(make(), opt)
 
 
+def _one_read() -> optax.GradientTransformation:
+  """Reference, not a clip: records the gradients' sum of squares and passes
+  them on. The cheapest transform that reads every gradient once: the floor
+  under any clip or detector that needs a norm."""
+  def update_fn(updates, state, params=None):
+    del state, params
+    sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(updates))
+    return jax.lax.optimization_barrier((updates, sq))
+  return optax.GradientTransformation(lambda _: jnp.zeros(()), update_fn)
+
+
 # name -> (gradtransforms optimizer, optax equivalent or None, group). Each
 # takes the base optimizer (optax.adam(1e-3)) and returns the full one.
 METHODS: dict[str, tuple[Callable, Callable | None, str]] = {
+    "reference: one read": (_before(_one_read), None, "reference"),
     "clip_by_value": (_before(lambda: gt.clip_by_value(1e-3)),
                       _before(lambda: optax.clip(1e-3)), "static"),
     "clip_by_global_norm": (_before(lambda: gt.clip_by_global_norm(1.0)),
@@ -74,7 +93,8 @@ METHODS: dict[str, tuple[Callable, Callable | None, str]] = {
         lambda opt: optax.chain(gt.monitor(), gt.clip_by_global_norm(1.0), opt),
         None, "detection"),
 }
-TARGET = {"static": 1.10, "adaptive": 1.15, "detection": 1.05}
+TARGET = {"static": 1.10, "adaptive": 1.15, "detection": 1.05,
+          "reference": float("nan")}
 CHUNK = 4  # methods timed together against one Adam baseline (bounds memory)
 
 
@@ -93,6 +113,7 @@ class Runner:
   """A compiled, donated step with its own params and state, timed per call."""
 
   def __init__(self, tx, params, grads):
+    self.faults: list[int] = []  # minor page faults of each timed call
     def step(params, state, grads):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
@@ -106,10 +127,13 @@ class Runner:
     self.compile_s = time.perf_counter() - t0
 
   def __call__(self) -> float:
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     self.params, self.state = self.step(self.params, self.state, self.grads)
     jax.block_until_ready(self.params)
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return t
 
 
 class ModelRunner(Runner):
@@ -130,6 +154,7 @@ class ModelRunner(Runner):
     self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
         self.params, self.state, self.grads).compile()
     self.compile_s = time.perf_counter() - t0
+    self.faults = []
 
 
 def _time(runners: dict, rounds: int, warmup: int) -> dict[str, np.ndarray]:
@@ -163,6 +188,9 @@ def _rows(names, make_runner, rounds, warmup, info) -> list[dict]:
                  ms=1e3 * float(np.median(times[name])),
                  vs_adam=float(np.median(times[name] / base)),
                  compile_s=runners[name].compile_s,
+                 # minor page faults per step (median): fresh temporaries
+                 faults=float(np.median(runners[name].faults)),
+                 adam_faults=float(np.median(runners["adam"].faults)),
                  adam_compile_s=runners["adam"].compile_s, target=TARGET[group])
       if "optax:" + name in times:
         ref_t = times["optax:" + name]
@@ -218,8 +246,9 @@ def to_markdown(rows: list[dict], info: dict) -> str:
            f"{info['cpu_count']} cores, jax {info['jax']}, optax "
            f"{info['optax']}, {info['date']}.", "",
            "| workload | method | Adam ms | ms | vs Adam | target | "
-           "optax equiv. vs Adam | vs optax | compile s (Adam) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "optax equiv. vs Adam | vs optax | page faults/step (Adam) | "
+           "compile s (Adam) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     over = " **over**" if r["vs_adam"] > r["target"] else ""
     lines.append(
@@ -227,6 +256,7 @@ def to_markdown(rows: list[dict], info: dict) -> str:
         f"{r['ms']:.2f} | {r['vs_adam']:.3f}{over} | {r['target']:.2f} | "
         f"{r.get('optax_vs_adam', float('nan')):.3f} | "
         f"{r.get('vs_optax', float('nan')):.3f} | "
+        f"{r['faults']:.0f} ({r['adam_faults']:.0f}) | "
         f"{r['compile_s']:.2f} ({r['adam_compile_s']:.2f}) |")
   return "\n".join(lines).replace("nan", "-") + "\n"
 

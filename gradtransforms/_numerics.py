@@ -107,25 +107,40 @@ def rollback(skip: jax.Array, updates: Any, old_state: Any, new_state: Any
              ) -> tuple[Any, Any]:
   """``(where(skip, -0.0, updates), where(skip, old_state, new_state))``.
 
-  For wrappers that undo an inner optimizer's step. The state select is
-  made to depend on a value of every update leaf (a comparison that is
-  always false, which XLA cannot fold), so the updates are computed before
-  the new state overwrites the old one in place. Otherwise XLA recomputes
-  the updates from the old state inside the caller's ``apply_updates`` and
-  has to copy the whole old state first: on CPU each copy is a fresh,
-  page-faulted buffer (6x an Adam step at 10M parameters; this way one
-  update-sized buffer is written instead). An ``optimization_barrier`` does
-  not do it: XLA removes barriers before it orders the copies. ``-0.0``
-  keeps every parameter bit-identical under ``apply_updates``, ``-0.0``
-  parameters included.
+  For wrappers that undo an inner optimizer's step. Each state leaf's select
+  is made to depend on a value of the matching update leaf (a comparison
+  that is always false, which XLA cannot fold): for a state subtree shaped
+  like ``updates`` (Adam's ``mu``, ``nu``, ...) leaf ``i`` waits for update
+  ``i``. So the updates are computed before the new state overwrites the old
+  one in place. Otherwise XLA recomputes the updates from the old state
+  inside the caller's ``apply_updates`` and has to copy the whole old state
+  first: on CPU each copy is a fresh, page-faulted buffer (6x an Adam step
+  at 10M parameters; this way one update-sized buffer is written instead).
+  Tying every state leaf to every update leaf compiles in O(leaves^2) (XLA
+  fuses the tie into each select); an ``optimization_barrier`` does not
+  order anything (XLA removes barriers before it orders the copies).
+  ``-0.0`` keeps every parameter bit-identical under ``apply_updates``,
+  ``-0.0`` parameters included.
   """
   updates = jax.tree.map(
       lambda u: jnp.where(skip, jnp.asarray(-0.0, u.dtype), u), updates)
-  firsts = [u.reshape(-1)[0].astype(F32) for u in jax.tree.leaves(updates)
-            if u.size]
-  if firsts:  # never true, not even for NaN: only the dependency matters
-    skip = skip | (jnp.max(jnp.stack(firsts)) > jnp.inf)
-  return updates, select_tree(skip, old_state, new_state)
+  u_leaves, u_def = jax.tree.flatten(updates)
+  # never true, not even for NaN: only the dependency matters
+  ties = [skip | (u.reshape(-1)[0] > jnp.inf) if u.size else skip
+          for u in u_leaves]
+
+  def like_updates(x):
+    return jax.tree.structure(x) == u_def
+
+  def select(old, new):
+    if like_updates(old):
+      return jax.tree.unflatten(u_def, [
+          jnp.where(t, a, b) for t, a, b in
+          zip(ties, jax.tree.leaves(old), jax.tree.leaves(new))])
+    return jnp.where(skip, old, new)
+
+  return updates, jax.tree.map(select, old_state, new_state,
+                               is_leaf=like_updates)
 
 
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:

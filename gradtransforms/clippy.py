@@ -32,6 +32,11 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
 
   A tensor whose update has a non-finite entry passes unchanged.
 
+  Cost: the update must exist in memory before it can be scaled (its
+  per-tensor maximum is needed first), so XLA writes one update-sized buffer
+  that ``apply_updates`` then reads, where Adam alone fuses the update into
+  the parameter write.
+
   State: :class:`ClippyState`, per-leaf ``scale``.
 
   Args:

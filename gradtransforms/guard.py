@@ -67,6 +67,12 @@ def guard(inner: optax.GradientTransformation,
   ``reset_inner_state=True``, re-initialises ``inner``'s state from
   ``params`` and starts counting again), and keeps skipping.
 
+  Cost: one read of the gradients (norm and finiteness, in float32) and,
+  for ``skip``/``rescale``, one update-sized buffer: to undo a step the
+  update is computed from the old inner state before the new state
+  overwrites it in place (see ``_numerics.rollback``); otherwise XLA would
+  copy the whole inner state every step.
+
   State: :class:`GuardState`; figures via ``gt.metrics`` (``guard/...`` and
   ``detect_spikes/...``).
 
