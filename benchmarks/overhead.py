@@ -9,8 +9,8 @@ step: on CPU, XLA allocates its temporaries afresh every step, and a
 temporary over glibc's mmap threshold (32 MB) is page-faulted each time,
 which costs more than the arithmetic (at 10M parameters one extra
 parameter-sized buffer roughly doubles an Adam step). The row "reference:
-one read" is the cheapest transform that reads the gradients once: the floor
-under any clip that needs a norm. Part (b) does the same for full training
+one read" only reads the gradients once (a sum of squares): what any clip
+that needs a norm costs at least. Part (b) does the same for full training
 steps (forward, backward, update) of the reference models.
 
     python benchmarks/overhead.py                  # full run (make bench)
@@ -50,8 +50,8 @@ def _before(make):
 
 def _one_read() -> optax.GradientTransformation:
   """Reference, not a clip: records the gradients' sum of squares and passes
-  them on. The cheapest transform that reads every gradient once: the floor
-  under any clip or detector that needs a norm."""
+  them on. It only reads every gradient once: what any clip or detector
+  that needs a norm costs at least."""
   def update_fn(updates, state, params=None):
     del state, params
     sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(updates))
