@@ -113,17 +113,19 @@ class Runner:
   """A compiled, donated step with its own params and state, timed per call."""
 
   def __init__(self, tx, params, grads):
-    self.faults: list[int] = []  # minor page faults of each timed call
     def step(params, state, grads):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    self.params = jax.tree.map(jnp.copy, params)
-    self.state = tx.init(self.params)
-    self.grads = grads
+    self._compile(step, tx, jax.tree.map(jnp.copy, params), grads)
+
+  def _compile(self, step, tx, params, data) -> None:
+    """Compiles ``step(params, state, data)`` donating params and state."""
+    self.params, self.state, self.grads = params, tx.init(params), data
+    self.faults: list[int] = []  # minor page faults of each timed call
     t0 = time.perf_counter()
     self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
-        self.params, self.state, grads).compile()
+        self.params, self.state, self.grads).compile()
     self.compile_s = time.perf_counter() - t0
 
   def __call__(self) -> float:
@@ -149,12 +151,7 @@ class ModelRunner(Runner):
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    self.params, self.state, self.grads = params, tx.init(params), (x, y)
-    t0 = time.perf_counter()
-    self.step = jax.jit(step, donate_argnums=(0, 1)).lower(
-        self.params, self.state, self.grads).compile()
-    self.compile_s = time.perf_counter() - t0
-    self.faults = []
+    self._compile(step, tx, params, (x, y))
 
 
 def _time(runners: dict, rounds: int, warmup: int) -> dict[str, np.ndarray]:
