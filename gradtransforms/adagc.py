@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
 @register("adagc", ("norm", "threshold", "scale", "count"))
@@ -62,7 +63,7 @@ def adagc(relative_threshold: float = 1.05, beta: float = 0.98,
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
   _checks.nonnegative("max_norm", max_norm)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     zeros = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
     ones = jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
@@ -72,14 +73,14 @@ def adagc(relative_threshold: float = 1.05, beta: float = 0.98,
     del params
     _checks.float_leaves("updates", updates)
     leaves, treedef = jax.tree.flatten(updates)
-    g_norm, n = num.norms(leaves, axis_name)  # vectors over leaves from here
+    g_norm, n = _norms.norms(leaves, axis_name)  # vectors over leaves from here
     gamma = jnp.stack(jax.tree.leaves(state.gamma)) if leaves else n
     g_ok = jnp.isfinite(g_norm)
     warm = state.count < warmup_steps
     bound = jnp.where(warm, jnp.where(g_ok, max_norm, jnp.inf),
                       relative_threshold * gamma)
-    s = jnp.where(warm, num.clip_scale(g_norm, max_norm),
-                  num.clip_scale(n, bound))
+    s = jnp.where(warm, _norms.clip_scale(g_norm, max_norm),
+                  _norms.clip_scale(n, bound))
     clipped = n * s
     warm_gamma = jnp.where(state.count == 0, clipped, jnp.minimum(gamma, clipped))
     ema_gamma = beta * gamma + (1 - beta) * clipped
@@ -88,6 +89,6 @@ def adagc(relative_threshold: float = 1.05, beta: float = 0.98,
     as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
     new_state = AdaGCState(as_tree(gamma), state.count + g_ok.astype(jnp.int32),
                            as_tree(n), as_tree(bound), as_tree(s))
-    return num.scale_leaves(treedef, leaves, s), new_state
+    return _norms.scale_leaves(treedef, leaves, s), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

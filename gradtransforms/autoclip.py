@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _stats
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
 @register("autoclip", ("norm", "threshold", "clipped", "count"))
@@ -51,7 +53,7 @@ def autoclip(percentile: float = 10.0, history: int = 10_000, *,
   _checks.in_range("percentile", percentile, 0.0, 100.0)
   history = _checks.integer("history", history, minimum=1)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
@@ -62,11 +64,11 @@ def autoclip(percentile: float = 10.0, history: int = 10_000, *,
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
-    n = num.global_norm(updates, axis_name)
-    buf, count = num.ring_push(state.norms, state.count, n, jnp.isfinite(n))
-    threshold = num.percentile(buf, count, percentile)
-    s = num.clip_scale(n, threshold)
-    return num.scale_tree(updates, s), AutoClipState(buf, count, n, threshold,
+    n = _norms.global_norm(updates, axis_name)
+    buf, count = _stats.ring_push(state.norms, state.count, n, jnp.isfinite(n))
+    threshold = _stats.percentile(buf, count, percentile)
+    s = _norms.clip_scale(n, threshold)
+    return _norms.scale_tree(updates, s), AutoClipState(buf, count, n, threshold,
                                                      s < 1)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
 @register("clippy", ("scale",))
@@ -54,7 +55,7 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
   if offset is not None and offset > float(jnp.finfo(jnp.float32).max):
     offset = None
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     return ClippyState(jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
 
@@ -67,7 +68,7 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
       # max |u| / (rel |w| + abs), written with at most one scalar inside the
       # reduction: XLA:CPU materialises every scalar broadcast it contains as
       # a leaf-sized buffer (one per distinct leaf shape).
-      acc = num.acc_dtype(u)
+      acc = _norms.acc_dtype(u)
       au = jnp.abs(u.astype(acc))
       if offset is None:
         ratio = jnp.max(au).astype(jnp.float32) / absolute_factor
@@ -79,6 +80,6 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
       return jnp.where(jnp.isfinite(ratio) & (ratio > 1), 1.0 / ratio, 1.0)
 
     scales = jax.tree.map(one, updates, params)
-    return num.scale_tree(updates, scales), ClippyState(scales)
+    return _norms.scale_tree(updates, scales), ClippyState(scales)
 
   return optax.GradientTransformation(init_fn, update_fn)

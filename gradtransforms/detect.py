@@ -10,8 +10,11 @@ import optax
 
 from gradtransforms import _checks
 from gradtransforms import _events
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import leaf_names, metrics, register
+from gradtransforms import _norms
+from gradtransforms import _stats
+from gradtransforms import _xla
+from gradtransforms._reading import metrics
+from gradtransforms._registry import register
 
 _I32 = jnp.int32
 
@@ -33,8 +36,8 @@ class DetectSpikesState(NamedTuple):
   the first step it went non-finite (-1: never).
   """
   step: jax.Array
-  norm_stats: num.SeriesStats
-  loss_stats: num.SeriesStats
+  norm_stats: _stats.SeriesStats
+  loss_stats: _stats.SeriesStats
   leaf_log_mean: jax.Array
   norm: jax.Array
   loss: jax.Array
@@ -53,13 +56,13 @@ class DetectSpikesState(NamedTuple):
   leaf_first_nonfinite: optax.Updates
 
 
-@num.fresh_state
+@_xla.fresh_state
 def init_state(params: Any) -> DetectSpikesState:
   n_leaves = len(jax.tree.leaves(params))
   z, f, i, neg = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.bool_),
                   jnp.zeros((), _I32), jnp.full((), -1, _I32))
   return DetectSpikesState(
-      i, num.series_init(), num.series_init(), jnp.zeros((n_leaves,), jnp.float32), z,
+      i, _stats.series_init(), _stats.series_init(), jnp.zeros((n_leaves,), jnp.float32), z,
       jnp.full((), jnp.nan, jnp.float32), z, z, f, f, f, i, i, i, neg, neg, neg, neg,
       jax.tree.map(lambda _: neg, params))
 
@@ -69,17 +72,17 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *,
             axis_name: str | None) -> DetectSpikesState:
   """One detection step (pure): the shared core of detect_spikes and guard."""
   leaves, treedef = jax.tree.flatten(updates)
-  n, leaf_n = num.norms(leaves, axis_name)
+  n, leaf_n = _norms.norms(leaves, axis_name)
   finite = jnp.isfinite(n)
   has_loss = loss is not None
-  norm_stats, norm_z, norm_spike = num.series_observe(
+  norm_stats, norm_z, norm_spike = _stats.series_observe(
       state.norm_stats, jnp.log(n), alpha, z_thresh, warmup_steps)
   if not has_loss:
     loss = jnp.full((), jnp.nan)
     loss_stats, loss_z, loss_spike = state.loss_stats, jnp.zeros(()), False
   else:
     loss = jnp.asarray(loss, jnp.float32).reshape(())
-    loss_stats, loss_z, loss_spike = num.series_observe(
+    loss_stats, loss_z, loss_spike = _stats.series_observe(
         state.loss_stats, loss, alpha, loss_z_thresh, warmup_steps)
   loss_spike = jnp.asarray(loss_spike)
   nonfinite = ~finite | ~jnp.isfinite(loss) if has_loss else ~finite
@@ -93,7 +96,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *,
   culprit = jnp.where(event & seen, jnp.argmax(growth).astype(_I32),
                       state.culprit)
   culprit_step = jnp.where(event & seen, state.step, state.culprit_step)
-  a = num.warm_alpha(alpha, state.norm_stats.count)
+  a = _stats.warm_alpha(alpha, state.norm_stats.count)
   leaf_ok = jnp.isfinite(log_leaf) & ~norm_spike
   leaf_log_mean = jnp.where(leaf_ok, a * state.leaf_log_mean + (1 - a) * log_leaf,
                             state.leaf_log_mean)
@@ -174,24 +177,6 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
     new = observe(state, updates, extra.get("value"), **rule)
     _events.emit(on_event, new.norm_spike | new.loss_spike | new.nonfinite,
                  event_figures(new))
-    return num.detach(updates, new)
+    return _xla.detach(updates, new)
 
   return optax.GradientTransformationExtraArgs(init_state, update_fn)
-
-
-def culprits(opt_state: Any, params: Any) -> dict[str, Any]:
-  """Host-side names for the layer attribution of every detector in a state.
-
-  Returns ``{"<key>/culprit": leaf name or None, "<key>/culprit_step": int,
-  "<key>/first_nonfinite_leaf": name or None, "<key>/first_nonfinite_step":
-  int}`` for each ``detect_spikes`` (also inside ``guard``) in ``opt_state``.
-  """
-  names = leaf_names(params)
-  out = {}
-  for key, value in metrics(opt_state).items():
-    if key.endswith("/culprit") or key.endswith("/first_nonfinite_leaf"):
-      i = int(value)
-      out[key] = names[i] if 0 <= i < len(names) else None
-    elif key.endswith("/culprit_step") or key.endswith("/first_nonfinite_step"):
-      out[key] = int(value)
-  return out

@@ -10,9 +10,10 @@ import optax
 
 from gradtransforms import _checks
 from gradtransforms import _events
-from gradtransforms import _numerics as num
+from gradtransforms import _norms
+from gradtransforms import _xla
 from gradtransforms import detect
-from gradtransforms._metrics import register
+from gradtransforms._registry import register
 
 TRIGGERS = ("nonfinite", "spike", "loss_spike")
 ACTIONS = ("skip", "zero", "rescale")
@@ -70,7 +71,7 @@ def guard(inner: optax.GradientTransformation,
   Cost: one read of the gradients (norm and finiteness, in float32) and,
   for ``skip``/``rescale``, one update-sized buffer: to undo a step the
   update is computed from the old inner state before the new state
-  overwrites it in place (see ``_numerics.rollback``); otherwise XLA would
+  overwrites it in place (see ``_xla.rollback``); otherwise XLA would
   copy the whole inner state every step.
 
   State: :class:`GuardState`; figures via ``gt.metrics`` (``guard/...`` and
@@ -103,7 +104,7 @@ def guard(inner: optax.GradientTransformation,
 
   def init_fn(params):
     i, f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)
-    return GuardState(*num.fresh((i, f, i, i, f, i, i)),
+    return GuardState(*_xla.fresh((i, f, i, i, f, i, i)),
                       detect.init_state(params), inner.init(params))
 
   def update_fn(updates, state, params=None, **extra):
@@ -111,7 +112,7 @@ def guard(inner: optax.GradientTransformation,
     if reset_inner_state and params is None:
       raise ValueError("guard(reset_inner_state=True) needs params in update")
     det = detect.observe(state.detector, updates, extra.get("value"), **rule)
-    updates, det = num.detach(updates, det)
+    updates, det = _xla.detach(updates, det)
     nonfinite = det.nonfinite
     spike = jnp.zeros((), jnp.bool_)
     if "spike" in triggers:
@@ -121,17 +122,17 @@ def guard(inner: optax.GradientTransformation,
     bad = nonfinite | spike
 
     if action == "zero":
-      g = num.select_tree(bad, num.zeros_like_tree(updates), updates)
+      g = _norms.select_tree(bad, _norms.zeros_like_tree(updates), updates)
     elif action == "rescale":
       typical = jnp.exp(state.detector.norm_stats.mean)
-      s = jnp.where(spike & ~nonfinite, num.clip_scale(det.norm, typical), 1.0)
-      g = num.scale_tree(updates, s)
+      s = jnp.where(spike & ~nonfinite, _norms.clip_scale(det.norm, typical), 1.0)
+      g = _norms.scale_tree(updates, s)
     else:
       g = updates
     new_updates, inner_state = inner.update(g, state.inner_state, params, **extra)
     if action != "zero":  # with "zero", inner saw a zero gradient: keep that
       skip = bad if action == "skip" else nonfinite
-      new_updates, inner_state = num.rollback(skip, new_updates,
+      new_updates, inner_state = _xla.rollback(skip, new_updates,
                                               state.inner_state, inner_state)
 
     consecutive = jnp.where(bad, state.consecutive + 1, 0)
@@ -140,7 +141,7 @@ def guard(inner: optax.GradientTransformation,
       hit = consecutive >= max_consecutive
     resets = state.resets
     if reset_inner_state:
-      inner_state = num.select_tree(hit, inner.init(params), inner_state)
+      inner_state = _norms.select_tree(hit, inner.init(params), inner_state)
       consecutive = jnp.where(hit, 0, consecutive)
       resets = resets + hit.astype(jnp.int32)
     new = GuardState(state.step + 1, bad, consecutive,

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _stats
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
 @register("monitor", ("step", "norm", "leaf_norm", "log_norm_mean",
@@ -41,7 +43,7 @@ def monitor(per_leaf: bool = False, alpha: float = 0.98, *,
   Each step: ``n = ||g||`` (and ``n_i = ||g_i||`` per leaf if ``per_leaf``),
   ``z = (log n - m) / (s + 1e-6)`` against an EMA (factor ``alpha``) of
   ``log n`` with mean ``m`` and variance ``s**2`` (see
-  ``_numerics.series_observe``), and the count of leaves holding Inf/NaN.
+  ``_stats.series_observe``), and the count of leaves holding Inf/NaN.
   One read of the gradients, nothing written. Non-finite steps are counted
   but never enter the statistics.
 
@@ -54,7 +56,7 @@ def monitor(per_leaf: bool = False, alpha: float = 0.98, *,
   """
   _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     z = jnp.zeros((), jnp.float32)
     i = jnp.zeros((), jnp.int32)
@@ -65,15 +67,15 @@ def monitor(per_leaf: bool = False, alpha: float = 0.98, *,
     del params
     _checks.float_leaves("updates", updates)
     leaves, treedef = jax.tree.flatten(updates)
-    n, vec = num.norms(leaves, axis_name)
+    n, vec = _norms.norms(leaves, axis_name)
     bad_leaves = jnp.sum(~jnp.isfinite(vec), dtype=jnp.int32)
     leaf_norm = jax.tree.unflatten(treedef, list(vec))
-    stats = num.SeriesStats(state.log_norm_mean, state.log_norm_var,
+    stats = _stats.SeriesStats(state.log_norm_mean, state.log_norm_var,
                             state.log_norm_count)
-    stats, z, _ = num.series_observe(stats, jnp.log(n), alpha, jnp.inf, 0)
+    stats, z, _ = _stats.series_observe(stats, jnp.log(n), alpha, jnp.inf, 0)
     new = MonitorState(state.step + 1, n, leaf_norm if per_leaf else (),
                        stats.mean, stats.var, stats.count, z, bad_leaves,
                        state.nonfinite_steps + (bad_leaves > 0).astype(jnp.int32))
-    return num.detach(updates, new)
+    return _xla.detach(updates, new)
 
   return optax.GradientTransformation(init_fn, update_fn)

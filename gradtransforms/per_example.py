@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
 @register("per_example_clip", ("clip_fraction", "mean_norm", "max_norm"))
@@ -49,7 +50,7 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
   _checks.nonnegative("l2_norm_clip", l2_norm_clip)
   _checks.one_of("reduce", reduce, ("mean", "sum"))
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
@@ -67,14 +68,14 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
     batch = sizes.pop()
 
     def sq(x):
-      x = x.astype(num.acc_dtype(x))
+      x = x.astype(_norms.acc_dtype(x))
       return jnp.sum(x * x, axis=tuple(range(1, x.ndim))).astype(jnp.float32)
 
     norms = jnp.sqrt(sum(sq(x) for x in leaves))
-    s = num.clip_scale(norms, l2_norm_clip)
+    s = _norms.clip_scale(norms, l2_norm_clip)
 
     def aggregate(x):
-      acc = num.acc_dtype(x)
+      acc = _norms.acc_dtype(x)
       w = s.astype(acc).reshape((batch,) + (1,) * (x.ndim - 1))
       total = jnp.sum(x.astype(acc) * w, axis=0)
       if axis_name is not None:
@@ -90,7 +91,7 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
       norm_sum = jax.lax.psum(norm_sum, axis_name)
       norm_max = jax.lax.pmax(norm_max, axis_name)
     inv = 1.0 / n if reduce == "mean" else jnp.ones((), jnp.float32)
-    out = [(aggregate(x) * inv.astype(num.acc_dtype(x))).astype(x.dtype)
+    out = [(aggregate(x) * inv.astype(_norms.acc_dtype(x))).astype(x.dtype)
            for x in leaves]
     new_state = PerExampleClipState(clipped / n, norm_sum / n, norm_max)
     return jax.tree.unflatten(treedef, out), new_state

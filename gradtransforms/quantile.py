@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
 @register("quantile_clip", ("norm", "threshold", "clipped"))
@@ -49,7 +50,7 @@ def quantile_clip(target_quantile: float = 0.5, learning_rate: float = 0.2,
   _checks.positive("learning_rate", learning_rate)
   _checks.positive("initial_clip", initial_clip)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
@@ -59,12 +60,12 @@ def quantile_clip(target_quantile: float = 0.5, learning_rate: float = 0.2,
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
-    n = num.global_norm(updates, axis_name)
-    s = num.clip_scale(n, state.clip)
+    n = _norms.global_norm(updates, axis_name)
+    s = _norms.clip_scale(n, state.clip)
     below = (n <= state.clip).astype(jnp.float32)
     new_clip = state.clip * jnp.exp(-learning_rate * (below - target_quantile))
     clip = jnp.where(jnp.isfinite(n), new_clip, state.clip)
-    return num.scale_tree(updates, s), QuantileClipState(clip, n, state.clip,
+    return _norms.scale_tree(updates, s), QuantileClipState(clip, n, state.clip,
                                                          s < 1)
 
   return optax.GradientTransformation(init_fn, update_fn)

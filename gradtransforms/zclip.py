@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _stats
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 # The reference's clip coefficient, as torch's clip_grad_norm_: max / (n + 1e-6).
 _TORCH_EPS = 1e-6
@@ -95,7 +97,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   _checks.positive("clip_factor", clip_factor)
   cap = jnp.inf if max_grad_norm is None else max_grad_norm
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
@@ -106,19 +108,19 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
-    n = num.global_norm(updates, axis_name)
+    n = _norms.global_norm(updates, axis_name)
     ok = jnp.isfinite(n)
     ready = state.count >= warmup_steps  # EMA initialised before this step
 
     # Warm-up: buffer the norm; initialise the EMA at the last warm-up step.
-    buf, count = num.ring_push(state.warmup, state.count, n, ok & ~ready)
+    buf, count = _stats.ring_push(state.warmup, state.count, n, ok & ~ready)
     pop_mean = jnp.mean(buf)
     pop_var = jnp.mean(jnp.square(buf - pop_mean))
     init_now = ~ready & (count == warmup_steps)
 
     # Spike test and clip value against the EMA.
     std = jnp.sqrt(state.var)
-    z = num.zscore(num.MeanVar(state.mean, state.var), n, eps)
+    z = _stats.zscore(_stats.MeanVar(state.mean, state.var), n, eps)
     if mode == "percentile":
       clip_val = state.mean + z_thresh * std
       spike = n > clip_val
@@ -131,19 +133,19 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
     spike = ready & ok & spike
     bound = jnp.where(ready, jnp.minimum(jnp.where(spike, clip_val, n), cap),
                       cap)
-    s = num.clip_scale(n, bound, eps=_TORCH_EPS)
+    s = _norms.clip_scale(n, bound, eps=_TORCH_EPS)
 
     x = jnp.where(spike, clip_val, n)
     ema_ok = ready & ok
     if skip_update_on_spike:
       ema_ok = ema_ok & ~spike
-    stats = num.ema_mean_var(num.MeanVar(state.mean, state.var), x, alpha,
+    stats = _stats.ema_mean_var(_stats.MeanVar(state.mean, state.var), x, alpha,
                              ema_ok)
     mean = jnp.where(init_now, pop_mean, stats.mean)
     var = jnp.where(init_now, pop_var, stats.var)
     count = jnp.where(ready, state.count + ok.astype(jnp.int32), count)
     new_state = ZClipState(buf, count, mean, var, n, bound, s < 1, spike,
                            jnp.where(ready, z, 0.0))
-    return num.scale_tree(updates, s), new_state
+    return _norms.scale_tree(updates, s), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

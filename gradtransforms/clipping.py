@@ -1,4 +1,4 @@
-"""Static clipping: by value, global norm, per-leaf norm, block RMS, unit-wise AGC.
+"""Norm clipping: by value, global norm, per-leaf norm, block RMS.
 
 Non-finite input, one rule for all of them: a clip never repairs or spreads
 Inf/NaN. Where a norm is non-finite its scale is 1, so the update passes
@@ -17,8 +17,22 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _xla
+from gradtransforms._registry import register
+
+
+@register("clip_by_value", ("max_abs", "threshold", "clipped"),
+          {"threshold": "threshold", "clipped": "clipped"})
+class ClipByValueState(NamedTuple):
+  """Last step: the largest ``|u|`` before clipping (NaN if the update held
+  a NaN) and the bound in force (``max_abs`` argument, injected or not)."""
+  max_abs: jax.Array
+  threshold: jax.Array
+
+  @property
+  def clipped(self) -> jax.Array:
+    return self.max_abs > self.threshold
 
 
 @register("clip_by_global_norm", ("norm", "scale"))
@@ -42,12 +56,6 @@ class ClipByBlockRMSState(NamedTuple):
   scale: optax.Updates
 
 
-@register("adaptive_grad_clip", ("clip_fraction",))
-class AdaptiveGradClipState(NamedTuple):
-  """Per-leaf fraction of units that were clipped at the last step."""
-  clip_fraction: optax.Updates
-
-
 def _scalar_tree(params) -> optax.Updates:
   return jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
 
@@ -63,36 +71,49 @@ def _clip_per_leaf(updates, bound, axis_name, rms: bool):
   scales are one vector op over the leaves, not one op per leaf.
   """
   leaves, treedef = jax.tree.flatten(updates)
-  _, m = num.norms(leaves, axis_name)
+  _, m = _norms.norms(leaves, axis_name)
   if rms:
     sizes = jnp.asarray([max(x.size, 1) for x in leaves], jnp.float32)
     if axis_name is not None:
       sizes = jax.lax.psum(sizes, axis_name)
     m = m * jax.lax.rsqrt(sizes)
-  s = num.clip_scale(m, bound)
+  s = _norms.clip_scale(m, bound)
   as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
-  return num.scale_leaves(treedef, leaves, s), as_tree(m), as_tree(s)
+  return _norms.scale_leaves(treedef, leaves, s), as_tree(m), as_tree(s)
 
 
 def clip_by_value(max_abs: float) -> optax.GradientTransformation:
   """Clips every element to ``[-max_abs, max_abs]``.
 
   ``u <- clip(u, -max_abs, max_abs)``; the same numbers as ``optax.clip``.
-  NaN stays NaN, +-Inf become +-max_abs. State: empty.
+  NaN stays NaN, +-Inf become +-max_abs.
+
+  State: :class:`ClipByValueState`: the pre-clip ``max |u|`` and the bound.
 
   Args:
     max_abs: the bound, >= 0.
   """
   _checks.nonnegative("max_abs", max_abs)
 
-  def update_fn(updates, state, params=None):
+  @_xla.fresh_state
+  def init_fn(params):
     del params
-    _checks.float_leaves("updates", updates)
-    return jax.tree.map(
-        lambda u: jnp.clip(u, -jnp.asarray(max_abs, u.dtype),
-                           jnp.asarray(max_abs, u.dtype)), updates), state
+    return ClipByValueState(max_abs=jnp.zeros((), jnp.float32),
+                            threshold=jnp.asarray(max_abs, jnp.float32))
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  def update_fn(updates, state, params=None):
+    del state, params
+    _checks.float_leaves("updates", updates)
+    leaves = jax.tree.leaves(updates)
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(u)).astype(jnp.float32)
+                              for u in leaves if u.size] or [jnp.zeros(())]))
+    new = jax.tree.map(
+        lambda u: jnp.clip(u, -jnp.asarray(max_abs, u.dtype),
+                           jnp.asarray(max_abs, u.dtype)), updates)
+    return new, ClipByValueState(max_abs=peak,
+                                 threshold=jnp.asarray(max_abs, jnp.float32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
@@ -120,7 +141,7 @@ def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
   """
   _checks.nonnegative("max_norm", max_norm)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     return ClipByGlobalNormState(jnp.zeros((), jnp.float32),
@@ -129,9 +150,9 @@ def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
   def update_fn(updates, state, params=None):
     del state, params
     _checks.float_leaves("updates", updates)
-    norm = num.global_norm(updates, axis_name)
-    s = num.clip_scale(norm, max_norm)
-    return num.scale_tree(updates, s), ClipByGlobalNormState(norm, s)
+    norm = _norms.global_norm(updates, axis_name)
+    s = _norms.clip_scale(norm, max_norm)
+    return _norms.scale_tree(updates, s), ClipByGlobalNormState(norm, s)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -150,7 +171,7 @@ def clip_by_leaf_norm(max_norm: float, *, axis_name: str | None = None
   """
   _checks.nonnegative("max_norm", max_norm)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     return ClipByLeafNormState(_scalar_tree(params), _ones_tree(params))
 
@@ -179,7 +200,7 @@ def clip_by_block_rms(threshold: float, *, axis_name: str | None = None
   """
   _checks.nonnegative("threshold", threshold)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     return ClipByBlockRMSState(_scalar_tree(params), _ones_tree(params))
 
@@ -188,68 +209,5 @@ def clip_by_block_rms(threshold: float, *, axis_name: str | None = None
     _checks.float_leaves("updates", updates)
     new, r, s = _clip_per_leaf(updates, threshold, axis_name, rms=True)
     return new, ClipByBlockRMSState(r, s)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _unit_axes(x: jax.Array) -> tuple[int, ...]:
-  """Axes summed over for a unit-wise norm: all but the last (output) one."""
-  if x.ndim <= 1:
-    return tuple(range(x.ndim))
-  if x.ndim <= 4:
-    return tuple(range(x.ndim - 1))
-  raise ValueError(
-      f"adaptive_grad_clip supports leaves of rank <= 4, got shape {x.shape}")
-
-
-def _unit_norm(x: jax.Array) -> jax.Array:
-  x = x.astype(num.acc_dtype(x))
-  return jnp.sqrt(jnp.sum(x * x, axis=_unit_axes(x), keepdims=True))
-
-
-def adaptive_grad_clip(clipping: float, eps: float = 1e-3
-                       ) -> optax.GradientTransformation:
-  """Unit-wise adaptive gradient clipping (AGC).
-
-  For each unit (output column) ``j`` of each leaf, with ``W`` the params:
-  ``m_j = clipping * max(||W_j||, eps)``,
-  ``g_j <- g_j * m_j / max(||g_j||, 1e-6)`` where ``||g_j|| > m_j``.
-  Brock et al., 2021, "High-Performance Large-Scale Image Recognition Without
-  Normalization". The same numbers as ``optax.adaptive_grad_clip``. Units
-  are the last axis for leaves of rank 2-4; scalars and vectors form one unit.
-  Non-finite units pass through unchanged. Under ``shard_map`` a leaf may be
-  split along its last (unit) axis with no communication; splitting it along
-  another axis would need the unit norms summed across shards, which this
-  transform does not do (use ``jit`` with ``NamedSharding`` instead, where
-  XLA inserts the reductions).
-
-  State: :class:`AdaptiveGradClipState`, per-leaf fraction of clipped units.
-
-  Args:
-    clipping: the ratio of gradient to parameter norm allowed, >= 0.
-    eps: the floor of the parameter norm (so zero-initialised units can move).
-  """
-  _checks.nonnegative("clipping", clipping)
-  _checks.nonnegative("eps", eps)
-
-  @num.fresh_state
-  def init_fn(params):
-    return AdaptiveGradClipState(_scalar_tree(params))
-
-  def update_fn(updates, state, params=None):
-    del state
-    _checks.needs_params("adaptive_grad_clip", params)
-    _checks.float_leaves("updates", updates)
-
-    def unit_scale(g, p):
-      g_norm, p_norm = _unit_norm(g), _unit_norm(p)
-      max_norm = clipping * jnp.maximum(p_norm, eps)
-      clip = jnp.isfinite(g_norm) & (g_norm > max_norm)
-      return jnp.where(clip, max_norm / jnp.maximum(g_norm, 1e-6), 1.0)
-
-    scales = jax.tree.map(unit_scale, updates, params)
-    new = jax.tree.map(num.scale, updates, scales)
-    frac = jax.tree.map(lambda s: jnp.mean((s < 1).astype(jnp.float32)), scales)
-    return new, AdaptiveGradClipState(frac)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,4 +1,4 @@
-"""Spike-aware elementwise clipping (SPAM) and periodic Adam moment reset."""
+"""Spike-aware elementwise clipping (SPAM)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms._registry import register
 
 
 @register("spike_clip", ("clipped", "max_excess", "count"))
@@ -92,7 +92,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
     to_rms = 1.0 / _bound_factor(t - 1, threshold, b2)[1]
 
     def new_bound(g, b):
-      acc = num.acc_dtype(g)
+      acc = _norms.acc_dtype(g)
       g32, r = g.astype(acc), b.astype(acc) * to_rms.astype(acc)
       lim = k.astype(acc) * r
       clipped = jnp.where(active, jnp.clip(g32, -lim, lim), g32)
@@ -103,7 +103,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
       return jnp.sqrt(v_new * jnp.square(big_k).astype(acc)).astype(b.dtype)
 
     def clip(g, b):
-      b = b.astype(num.acc_dtype(g))
+      b = b.astype(_norms.acc_dtype(g))
       return jnp.where(active, jnp.clip(g.astype(b.dtype), -b, b),
                        g).astype(g.dtype)
 
@@ -124,56 +124,3 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
             SpikeClipState(t + 1, bound, excess > 0, excess))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-@register("with_moment_reset", ("count", "resets"))
-class MomentResetState(NamedTuple):
-  count: jax.Array
-  resets: jax.Array
-  inner_state: optax.OptState
-
-
-def _reset_adam(state):
-  def reset(s):
-    if isinstance(s, optax.ScaleByAdamState):
-      return s._replace(count=jnp.zeros_like(s.count),
-                        mu=num.zeros_like_tree(s.mu),
-                        nu=num.zeros_like_tree(s.nu))
-    return s
-  return jax.tree.map(reset, state,
-                      is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-
-
-def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
-                      ) -> optax.GradientTransformationExtraArgs:
-  """Zeroes Adam's moments inside ``inner`` every ``interval`` steps (SPAM).
-
-  Every ``optax.ScaleByAdamState`` found in ``inner``'s state (``adam``,
-  ``adamw``, ... at any depth) gets ``mu = nu = 0`` and ``count = 0`` before
-  the update of steps ``interval, 2*interval, ...``, so bias correction
-  restarts with the moments (SPAM resets the moments; restarting the count
-  too keeps the first updates after a reset at the normal scale).
-
-  State: :class:`MomentResetState` ``(count, resets, inner_state)``.
-
-  Args:
-    inner: the optimizer whose Adam moments are reset.
-    interval: steps between resets (static), >= 1. Paper default: 500.
-  """
-  interval = _checks.integer("interval", interval, minimum=1)
-  inner = optax.with_extra_args_support(inner)
-
-  def init_fn(params):
-    return MomentResetState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                            inner.init(params))
-
-  def update_fn(updates, state, params=None, **extra):
-    due = (state.count > 0) & (state.count % interval == 0)
-    inner_state = num.select_tree(due, _reset_adam(state.inner_state),
-                                  state.inner_state)
-    updates, inner_state = inner.update(updates, inner_state, params, **extra)
-    return updates, MomentResetState(state.count + 1,
-                                     state.resets + due.astype(jnp.int32),
-                                     inner_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
