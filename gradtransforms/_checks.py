@@ -64,13 +64,16 @@ def in_range(name: str, value: Any, lo: float, hi: float,
     raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}, got {value!r}")
 
 
-def integer(name: str, value: Any, minimum: int = 0) -> int:
+def integer(name: str, value: Any, minimum: int = 0, static: bool = True) -> Any:
   """Returns ``value`` as a Python int, raising unless it is an int >= minimum.
 
   These arguments are static (buffer sizes, step counts compiled into the
   step). A concrete integer array (``optax.inject_hyperparams`` at init) is
-  accepted; a traced one is refused with a hint to mark it static.
+  accepted; a traced one is refused with a hint to mark it static, unless
+  ``static=False`` (a count only compared against, which may be injected).
   """
+  if isinstance(value, jax.core.Tracer) and not static:
+    return value
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
         f"{name} is static and cannot be traced; with optax.inject_hyperparams "
@@ -105,3 +108,11 @@ def float_leaves(name: str, tree: Any) -> None:
 def needs_params(name: str, params: Any) -> None:
   if params is None:
     raise ValueError(f"{name} needs params: call update(updates, state, params)")
+
+
+def boolean(name: str, value: Any) -> bool:
+  """Returns ``value`` if it is a bool (NumPy bools too); raises ``TypeError``
+  for anything else, strings such as ``"False"`` included."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  raise TypeError(f"{name} must be a bool, got {value!r}")

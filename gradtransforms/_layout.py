@@ -52,11 +52,23 @@ class PerLeaf:
     return f"PerLeaf({self.values!r}, names=<{len(self.names)}>)"
 
 
+def _is_variable(x: Any) -> bool:
+  return type(x).__module__.startswith("flax") and hasattr(x, "get_value")
+
+
+def unwrap(tree: Any) -> Any:
+  """Replaces Flax NNX variables by the arrays they hold (so params given
+  as ``nnx.State`` of variables and gradients of plain arrays name their
+  leaves alike)."""
+  return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree,
+                      is_leaf=_is_variable)
+
+
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
   """``(name, leaf)`` pairs in ``jax.tree.leaves`` order; names as
   ``"layer1/w"`` (``jax.tree_util.keystr`` with ``/``), ``"."`` for a bare
   array."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  flat, _ = jax.tree_util.tree_flatten_with_path(unwrap(tree))
   return [(keystr(p, simple=True, separator="/") or ".", x) for p, x in flat]
 
 
@@ -116,6 +128,7 @@ def layout(tree: Any, layer_axes: LayerAxes = None) -> Layout:
   None`` with ``name`` as :func:`leaf_paths` writes it, or a pytree prefix
   of ``tree`` holding ints or None.
   """
+  tree = unwrap(tree)
   pairs = leaf_paths(tree)
   if layer_axes is None:
     specs: Sequence[Any] = [None] * len(pairs)

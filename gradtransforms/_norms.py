@@ -114,3 +114,9 @@ def zeros_like_tree(tree: Any) -> Any:
   return jax.tree.map(jnp.zeros_like, tree)
 
 
+
+def scale_parts(leaves: Sequence[jax.Array], lay: _layout.Layout,
+                scales: Sequence[jax.Array]) -> list[jax.Array]:
+  """Leaf ``i`` times its own scale (a scalar, or one per layer slice)."""
+  return [scale(x, _layout.broadcast(s, x, a))
+          for x, s, a in zip(leaves, scales, lay.axes)]

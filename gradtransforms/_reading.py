@@ -25,20 +25,10 @@ from gradtransforms._registry import lookup
 _WRAPPER_KEYS = {"inner_state", "inner_states", "inner_opt_state", "opt_state"}
 
 
-def _is_variable(x: Any) -> bool:
-  return type(x).__module__.startswith("flax") and hasattr(x, "get_value")
-
-
-def _unwrap(tree: Any) -> Any:
-  """Replaces Flax NNX variables by the arrays they hold."""
-  return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree,
-                      is_leaf=_is_variable)
-
-
 def leaf_names(tree: Any, layer_axes: _layout.LayerAxes = None) -> list[str]:
   """Names of a tree's leaves in ``jax.tree.leaves`` order (``"layer1/w"``);
   with ``layer_axes``, one name per layer slice (``"blocks/w[3]"``)."""
-  return list(_layout.layout(_unwrap(tree), layer_axes).names)
+  return list(_layout.layout(tree, layer_axes).names)
 
 
 def _key(k: Any) -> str:
@@ -63,7 +53,7 @@ def states(opt_state: Any) -> list[tuple[str, Any]]:
   """``(key prefix, state)`` for every registered state in ``opt_state``."""
   if hasattr(opt_state, "opt_state") and hasattr(opt_state, "model"):
     opt_state = opt_state.opt_state  # an nnx.Optimizer
-  found = list(_find(_unwrap(opt_state), ()))
+  found = list(_find(_layout.unwrap(opt_state), ()))
   names = [lookup(type(s)).name for _, s in found]
   out = []
   for (path, state), name in zip(found, names):

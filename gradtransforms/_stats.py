@@ -117,7 +117,7 @@ def series_observe(stats: SeriesStats, x: jax.Array, alpha: Any,
   a = warm_alpha(alpha, stats.count)
   mv = ema_mean_var(MeanVar(stats.mean, stats.var), folded, a, ok)
   # z reads 0 until the statistics are warm (not thousands at step 1)
-  z = jnp.where(ok & (stats.count >= max(warmup_steps, 1)), z, 0.0)
+  z = jnp.where(ok & (stats.count >= jnp.maximum(warmup_steps, 1)), z, 0.0)
   return SeriesStats(mv.mean, mv.var, inc(stats.count, ok)), z, spike
 
 

@@ -115,7 +115,7 @@ _ENTRIES = [
           lambda **kw: gt.detect_spikes(warmup_steps=2, **kw),
           lambda **kw: gt.detect_spikes(**kw), layer_axes=True),
     Entry("guard", "around", "detection",
-          _around(gt.guard, on=("spike", "loss_spike"), warmup_steps=2,
+          _around(gt.guard, on="spike", warmup_steps=2,
                   max_consecutive_errors=2, reset_inner_state=True),
           _around(gt.guard),
           lambda: (lambda opt: optax.apply_if_finite(opt, 10)),

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks
-from gradtransforms import _norms
-from gradtransforms import _xla
+from gradtransforms import _checks, _layout, _norms, _xla
+from gradtransforms._layout import LayerAxes, PerLeaf
 from gradtransforms._registry import register
 
 
@@ -35,51 +34,82 @@ class ClipByValueState(NamedTuple):
     return self.max_abs > self.threshold
 
 
-@register("clip_by_global_norm", ("norm", "scale"))
+@register("clip_by_global_norm", ("norm", "scale"),
+          {"global_norm": "norm", "clip_scale": "scale"})
 class ClipByGlobalNormState(NamedTuple):
   """Figures of the last step: pre-clip global norm and the applied scale."""
   norm: jax.Array
   scale: jax.Array
 
 
-@register("clip_by_leaf_norm", ("norm", "scale"))
+@register("clip_by_leaf_norm", ("norm", "scale", "clipped", "threshold"),
+          {"leaf_norm": "norm", "clip_scale": "scale", "clipped": "clipped",
+           "threshold": "threshold"})
 class ClipByLeafNormState(NamedTuple):
-  """Per-leaf pre-clip L2 norms and scales (trees of scalars)."""
-  norm: optax.Updates
-  scale: optax.Updates
+  """Last step: each leaf's (or layer slice's) pre-clip sum of squares, as
+  one stacked vector, and the bound. ``norm``, ``scale`` (per leaf) and
+  ``clipped`` (how many leaves were scaled down) are derived when read."""
+  sumsq: PerLeaf
+  threshold: jax.Array
+
+  @property
+  def norm(self) -> PerLeaf:
+    return self.sumsq.replace(jnp.sqrt(self.sumsq.values))
+
+  @property
+  def scale(self) -> PerLeaf:
+    return self.norm.replace(_norms.clip_scale(self.norm.values, self.threshold))
+
+  @property
+  def clipped(self) -> jax.Array:
+    return jnp.sum(self.scale.values < 1, dtype=jnp.int32)
 
 
-@register("clip_by_block_rms", ("rms", "scale"))
+@register("clip_by_block_rms", ("rms", "scale", "clipped", "threshold"),
+          {"leaf_norm": "rms", "clip_scale": "scale", "clipped": "clipped",
+           "threshold": "threshold"})
 class ClipByBlockRMSState(NamedTuple):
-  """Per-leaf pre-clip RMS and scales (trees of scalars)."""
-  rms: optax.Updates
-  scale: optax.Updates
+  """Last step: each leaf's (or layer slice's) pre-clip mean square, as one
+  stacked vector, and the bound; ``rms``, ``scale`` and ``clipped`` are
+  derived when read."""
+  meansq: PerLeaf
+  threshold: jax.Array
+
+  @property
+  def rms(self) -> PerLeaf:
+    return self.meansq.replace(jnp.sqrt(self.meansq.values))
+
+  @property
+  def scale(self) -> PerLeaf:
+    return self.rms.replace(_norms.clip_scale(self.rms.values, self.threshold))
+
+  @property
+  def clipped(self) -> jax.Array:
+    return jnp.sum(self.scale.values < 1, dtype=jnp.int32)
 
 
-def _scalar_tree(params) -> optax.Updates:
-  return jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+def _per_leaf_init(params, layer_axes, threshold, cls):
+  lay = _layout.layout(params, layer_axes)
+  return _xla.fresh(cls(_layout.zeros(lay), jnp.asarray(threshold, jnp.float32)))
 
 
-def _ones_tree(params) -> optax.Updates:
-  return jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
-
-
-def _clip_per_leaf(updates, bound, axis_name, rms: bool):
-  """Scales each leaf to ``||u_i|| <= bound`` (``rms``: ``||u_i|| / sqrt(size_i)``).
-
-  Returns ``(clipped tree, per-leaf measure tree, per-leaf scale tree)``; the
-  scales are one vector op over the leaves, not one op per leaf.
-  """
+def _clip_per_leaf(updates, stored: PerLeaf, bound, layer_axes, axis_name,
+                   what: str, rms: bool):
+  """Scales each leaf (or layer slice) to ``measure <= bound``, with
+  measure = L2 norm or RMS; each leaf's scale comes from its own sum of
+  squares, inline. Returns ``(clipped tree, stacked measure**2 vector)``."""
   leaves, treedef = jax.tree.flatten(updates)
-  _, m = _norms.norms(leaves, axis_name)
+  lay = _layout.layout(updates, layer_axes)
+  _layout.check_names(lay, stored, what)
+  parts = _norms.leaf_sumsq(leaves, lay, axis_name)
   if rms:
-    sizes = jnp.asarray([max(x.size, 1) for x in leaves], jnp.float32)
+    sizes = [max(x.size // n, 1) for x, n in zip(leaves, lay.counts)]
     if axis_name is not None:
-      sizes = jax.lax.psum(sizes, axis_name)
-    m = m * jax.lax.rsqrt(sizes)
-  s = _norms.clip_scale(m, bound)
-  as_tree = lambda v: jax.tree.unflatten(treedef, list(v))
-  return _norms.scale_leaves(treedef, leaves, s), as_tree(m), as_tree(s)
+      sizes = jax.lax.psum(jnp.asarray(sizes, jnp.float32), axis_name)
+    parts = [p / sizes[i] for i, p in enumerate(parts)]
+  scales = [_norms.clip_scale(jnp.sqrt(p), bound) for p in parts]
+  out = _norms.scale_parts(leaves, lay, scales)
+  return jax.tree.unflatten(treedef, out), stored.replace(_layout.stack(parts))
 
 
 def clip_by_value(max_abs: float) -> optax.GradientTransformation:
@@ -157,57 +187,72 @@ def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clip_by_leaf_norm(max_norm: float, *, axis_name: str | None = None
+def clip_by_leaf_norm(max_norm: float, *, layer_axes: LayerAxes = None,
+                      axis_name: str | None = None
                       ) -> optax.GradientTransformation:
   """Scales each leaf (tensor) separately to an L2 norm of at most ``max_norm``.
 
   ``n_i = ||u_i||_2``, ``u_i <- u_i * (max_norm / n_i if n_i > max_norm else 1)``.
+  With ``layer_axes``, a leaf holding L stacked layers is L tensors: each
+  slice along its layer axis is clipped on its own (the same numbers as
+  clipping the unstacked layers).
 
-  State: :class:`ClipByLeafNormState`, per-leaf ``norm`` and ``scale``.
+  State: :class:`ClipByLeafNormState`: the per-leaf sums of squares as one
+  stacked vector (its size does not depend on the number of leaves'
+  arrays), the bound; ``norm``/``scale``/``clipped`` derived when read.
 
   Args:
-    max_norm: the bound for every leaf, >= 0.
+    max_norm: the bound for every leaf, >= 0 (+inf: never clip).
+    layer_axes: None, a callable ``(name, leaf) -> int | None`` (``name`` as
+      :func:`gradtransforms.leaf_names` writes it), or a pytree prefix of the
+      params holding ints or None: the leaf's stacked-layer axis.
     axis_name: as in :func:`clip_by_global_norm`.
   """
   _checks.nonnegative("max_norm", max_norm)
+  layer_axes = _layout.check_layer_axes(layer_axes)
 
-  @_xla.fresh_state
   def init_fn(params):
-    return ClipByLeafNormState(_scalar_tree(params), _ones_tree(params))
+    return _per_leaf_init(params, layer_axes, max_norm, ClipByLeafNormState)
 
   def update_fn(updates, state, params=None):
-    del state, params
+    del params
     _checks.float_leaves("updates", updates)
-    new, norm, s = _clip_per_leaf(updates, max_norm, axis_name, rms=False)
-    return new, ClipByLeafNormState(norm, s)
+    new, sumsq = _clip_per_leaf(updates, state.sumsq, max_norm, layer_axes,
+                                axis_name, "clip_by_leaf_norm", rms=False)
+    return new, ClipByLeafNormState(sumsq, jnp.asarray(max_norm, jnp.float32))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clip_by_block_rms(threshold: float, *, axis_name: str | None = None
+def clip_by_block_rms(threshold: float, *, layer_axes: LayerAxes = None,
+                      axis_name: str | None = None
                       ) -> optax.GradientTransformation:
   """Scales each leaf so its root-mean-square is at most ``threshold``.
 
   ``r_i = sqrt(mean(u_i**2))``, ``u_i <- u_i / max(1, r_i / threshold)``;
   the same numbers as ``optax.clip_by_block_rms`` (computed as a multiply).
+  With ``layer_axes``, per layer slice (see :func:`clip_by_leaf_norm`).
 
-  State: :class:`ClipByBlockRMSState`, per-leaf ``rms`` and ``scale``.
+  State: :class:`ClipByBlockRMSState`: per-leaf mean squares as one stacked
+  vector, the bound; ``rms``/``scale``/``clipped`` derived when read.
 
   Args:
-    threshold: the RMS bound, >= 0.
+    threshold: the RMS bound, >= 0 (+inf: never clip).
+    layer_axes: as in :func:`clip_by_leaf_norm`.
     axis_name: as in :func:`clip_by_global_norm`; the element count is summed
       over the axis too.
   """
   _checks.nonnegative("threshold", threshold)
+  layer_axes = _layout.check_layer_axes(layer_axes)
 
-  @_xla.fresh_state
   def init_fn(params):
-    return ClipByBlockRMSState(_scalar_tree(params), _ones_tree(params))
+    return _per_leaf_init(params, layer_axes, threshold, ClipByBlockRMSState)
 
   def update_fn(updates, state, params=None):
-    del state, params
+    del params
     _checks.float_leaves("updates", updates)
-    new, r, s = _clip_per_leaf(updates, threshold, axis_name, rms=True)
-    return new, ClipByBlockRMSState(r, s)
+    new, meansq = _clip_per_leaf(updates, state.meansq, threshold, layer_axes,
+                                 axis_name, "clip_by_block_rms", rms=True)
+    return new, ClipByBlockRMSState(meansq, jnp.asarray(threshold, jnp.float32))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -183,7 +183,7 @@ def test_adagc_matches_reference():
   for o, e in zip(outs, expect):
     for a, b in zip(o, e):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.tree.leaves(state.gamma)), gamma,
+  np.testing.assert_allclose(np.asarray(state.gamma.values), gamma,
                              rtol=1e-4)
   # The spiking layer was clipped back near its running norm, the rest not.
   leaf = gt.leaf_names(seq[0]).index("dense/w")
@@ -329,7 +329,7 @@ def test_adaptive_keep_dtype_and_structure_and_metrics(name):
     (lambda: gt.zclip(clip_option="max"), "clip_option"),
     (lambda: gt.zclip(alpha=1.0), "alpha"),
     (lambda: gt.zclip(z_thresh=0.0), "z_thresh"),
-    (lambda: gt.adagc(beta=-0.1), "beta"),
+    (lambda: gt.adagc(decay=-0.1), "decay"),
     (lambda: gt.spike_clip(threshold=-1.0), "threshold"),
     (lambda: gt.clippy(absolute_factor=0.0), "absolute_factor"),
     (lambda: gt.quantile_clip(target_quantile=1.5), "target_quantile"),

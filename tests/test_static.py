@@ -53,9 +53,10 @@ def test_leaf_norm_matches_numpy(tree):
     n = np.sqrt(np.sum(r * r))
     np.testing.assert_allclose(o, r * min(1.0, 1.5 / n), rtol=1e-5, atol=1e-7)
     assert np.sqrt(np.sum(o * o)) <= 1.5 * (1 + 1e-6)
-  m = gt.metrics(state)
+  m = gt.metrics(state, per_leaf=True)
   assert set(m) == {f"clip_by_leaf_norm/{f}/{k}" for f in ("norm", "scale")
-                    for k in gt.leaf_names(tree)}
+                    for k in gt.leaf_names(tree)} | {
+                        "clip_by_leaf_norm/clipped", "clip_by_leaf_norm/threshold"}
   np.testing.assert_allclose(m["clip_by_leaf_norm/norm/dense/w"],
                              np.linalg.norm(np.asarray(tree["dense"]["w"])),
                              rtol=1e-6)
@@ -142,7 +143,7 @@ def test_nonfinite_passes_through_unscaled(tree, bad):
     chex.assert_trees_all_close(out["dense"], expect, rtol=1e-6)
     np.testing.assert_array_equal(out["scalar"], t["scalar"])
     assert not all(np.all(np.isfinite(np.asarray(v)))
-                   for v in gt.metrics(state).values())
+                   for v in gt.metrics(state, per_leaf=True).values())
 
 
 def test_norm_beyond_float32_range_reads_as_inf_and_passes_unchanged():
