@@ -131,8 +131,11 @@ def integer(name: str, value: Any, minimum: int = 0) -> int:
 
 
 def one_of(name: str, value: Any, options: Iterable[str]) -> str:
-  """Returns ``value`` if it is one of ``options``; raises ``ValueError`` else."""
+  """Returns ``value`` if it is one of ``options`` (strings); raises
+  ``TypeError`` for a non-string and ``ValueError`` for another string."""
   options = tuple(options)
+  if not isinstance(value, str):
+    raise TypeError(f"{name} must be one of {options}, got {value!r}")
   if value not in options:
     raise ValueError(f"{name} must be one of {options}, got {value!r}")
   return value
