@@ -24,31 +24,76 @@ def _concrete(value: Any) -> np.ndarray | None:
     return None
 
 
-def _number(name: str, value: Any) -> np.ndarray | None:
-  if isinstance(value, bool) or value is None:
-    raise TypeError(f"{name} must be a real number, got {value!r}")
+def _number(name: str, value: Any, allow_inf: bool = False
+            ) -> np.ndarray | None:
+  """``value`` as a 0-d NumPy array, or None if it is traced.
+
+  Accepted: Python ints and floats, NumPy scalars, 0-d concrete arrays, and
+  0-d traced values (``optax.inject_hyperparams`` inside ``jit``). Refused
+  with ``TypeError``: None, bools, strings, lists/tuples and arrays of any
+  other shape (a list-valued threshold would silently change the output
+  shapes). NaN is refused with ``ValueError``, and so is ``+-inf`` unless
+  ``allow_inf`` (the sign is left to the caller's range check).
+  """
+  if (value is None or isinstance(value, (bool, np.bool_, str, bytes)) or
+      not (isinstance(value, (int, float, np.number, np.ndarray, jax.Array)))):
+    raise TypeError(f"{name} must be a real number (a Python number or a 0-d "
+                    f"array), got {value!r}")
+  if np.ndim(value) != 0:
+    raise TypeError(f"{name} must be a scalar, got an array of shape "
+                    f"{np.shape(value)}")
+  if jnp.result_type(value).kind not in "fiu":
+    raise TypeError(f"{name} must be a real number, got {value!r} of dtype "
+                    f"{jnp.result_type(value)}")
   arr = _concrete(value)
   if arr is None:
     return None
-  if arr.dtype.kind not in "fiu":
-    raise TypeError(f"{name} must be a real number, got {value!r}")
-  if not np.all(np.isfinite(arr)):
+  if np.isnan(arr):
+    raise ValueError(f"{name} must not be NaN, got {value!r}")
+  if np.isinf(arr) and not allow_inf:
     raise ValueError(f"{name} must be finite, got {value!r}")
   return arr
 
 
-def nonnegative(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value >= 0`` (where it can be checked)."""
-  arr = _number(name, value)
-  if arr is not None and np.any(arr < 0):
+def nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> None:
+  """Raises unless ``value`` is a scalar ``>= 0`` (where it can be checked);
+  ``+inf`` passes only with ``allow_inf``."""
+  arr = _number(name, value, allow_inf)
+  if arr is not None and arr < 0:
     raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
-def positive(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value > 0`` (where it can be checked)."""
-  arr = _number(name, value)
-  if arr is not None and np.any(arr <= 0):
+def positive(name: str, value: Any, *, allow_inf: bool = False) -> None:
+  """Raises unless ``value`` is a scalar ``> 0`` (where it can be checked);
+  ``+inf`` passes only with ``allow_inf``."""
+  arr = _number(name, value, allow_inf)
+  if arr is not None and arr <= 0:
     raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def bound(name: str, value: Any, *, strict: bool = False) -> None:
+  """A clip bound: a scalar ``>= 0`` (``> 0`` if ``strict``) or ``+inf``,
+  which means "never clip" (as in optax and torch). NaN and ``-inf`` raise
+  ``ValueError``; None, bools, strings and lists raise ``TypeError``."""
+  if strict:
+    positive(name, value, allow_inf=True)
+  else:
+    nonnegative(name, value, allow_inf=True)
+
+
+def boolean(name: str, value: Any) -> bool:
+  """Returns ``value`` as a Python bool; ``TypeError`` unless it is a bool.
+
+  Strings (``"False"`` is truthy), numbers and None are refused, and so is
+  a traced value (these flags choose the computation: they are static).
+  """
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} is static and cannot be traced; with optax.inject_hyperparams "
+        f"pass static_args=({name!r},)")
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+  return bool(value)
 
 
 def in_range(name: str, value: Any, lo: float, hi: float,
@@ -57,8 +102,8 @@ def in_range(name: str, value: Any, lo: float, hi: float,
   arr = _number(name, value)
   if arr is None:
     return
-  bad = np.any(arr <= lo) if lo_open else np.any(arr < lo)
-  bad = bad or (np.any(arr >= hi) if hi_open else np.any(arr > hi))
+  bad = bool(arr <= lo) if lo_open else bool(arr < lo)
+  bad = bad or (bool(arr >= hi) if hi_open else bool(arr > hi))
   if bad:
     lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
     raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}, got {value!r}")
@@ -89,8 +134,11 @@ def integer(name: str, value: Any, minimum: int = 0, static: bool = True) -> Any
 
 
 def one_of(name: str, value: Any, options: Iterable[str]) -> str:
-  """Returns ``value`` if it is one of ``options``; raises ``ValueError`` else."""
+  """Returns ``value`` if it is one of ``options`` (strings); raises
+  ``TypeError`` for a non-string and ``ValueError`` for another string."""
   options = tuple(options)
+  if not isinstance(value, str):
+    raise TypeError(f"{name} must be one of {options}, got {value!r}")
   if value not in options:
     raise ValueError(f"{name} must be one of {options}, got {value!r}")
   return value

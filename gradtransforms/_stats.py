@@ -15,6 +15,7 @@ import jax.numpy as jnp
 F32 = jnp.float32
 I32 = jnp.int32
 _I32_MAX = 2**31 - 1
+I32_MAX = _I32_MAX  # the value a saturated counter reads
 
 
 def inc(count: jax.Array, by: Any = 1) -> jax.Array:

@@ -19,16 +19,18 @@ _TORCH_EPS = 1e-6
 
 
 @register("zclip", ("norm", "threshold", "clipped", "spike", "zscore", "mean",
-                    "var", "count"))
+                    "var", "observed"),
+          {"global_norm": "norm", "threshold": "threshold", "clipped": "clipped"})
 class ZClipState(NamedTuple):
-  """``warmup``: norms of the warm-up steps; ``count``: finite norms seen;
-  ``mean``/``var``: the EMA statistics (valid once ``count >= warmup_steps``).
+  """``warmup``: norms of the warm-up steps; ``observed``: finite, non-zero
+  norms seen (saturates at 2**31 - 1); ``mean``/``var``: the EMA statistics
+  (valid once ``observed >= warmup_steps``).
 
   ``norm``, ``threshold`` (the effective clip value), ``clipped``, ``spike``
-  and ``zscore`` are the last step's figures.
+  and ``zscore`` (0 during warm-up) are the last step's figures.
   """
   warmup: jax.Array
-  count: jax.Array
+  observed: jax.Array
   mean: jax.Array
   var: jax.Array
   norm: jax.Array
@@ -66,28 +68,34 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   a spike and ``n`` otherwise (skipped on a spike if
   ``skip_update_on_spike``).
 
-  Non-finite norms: unlike the reference (where one NaN poisons the EMA for
-  good) a non-finite norm is not counted, does not touch the statistics, and
-  its update passes unchanged.
+  Non-finite and zero norms are not observations: unlike the reference
+  (where one NaN poisons the EMA for good, and zero gradients during
+  warm-up give ``mu = var = 0``, after which every norm is a spike clipped
+  to 0, forever) such a norm is not counted, does not touch the buffer or
+  the statistics, and its update passes unchanged (a zero update stays
+  zero). So warm-up ends after ``warmup_steps`` finite non-zero norms, and a
+  stretch of zero gradients leaves the statistics as they were. On finite
+  non-zero norms the numbers are the reference's. An empty tree has norm 0
+  and passes through.
 
   State: :class:`ZClipState`. Defaults are the reference's.
 
   Args:
     alpha: EMA factor in [0, 1).
-    z_thresh: z-score threshold, > 0.
-    max_grad_norm: absolute cap on the norm, or None.
+    z_thresh: z-score threshold, > 0 (``inf``: no spike is ever detected).
+    max_grad_norm: absolute cap on the norm, or None (or ``inf``: no cap).
     eps: added to sigma in the z-score.
     warmup_steps: number of norms before the EMA starts (static), >= 1.
     mode: ``"zscore"`` or ``"percentile"``.
     clip_option: ``"adaptive_scaling"`` or ``"mean"`` (zscore mode only).
     clip_factor: multiplier of the adaptive threshold, > 0.
-    skip_update_on_spike: keep the statistics unchanged on a spike.
+    skip_update_on_spike: keep the statistics unchanged on a spike (a bool).
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
   _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
-  _checks.positive("z_thresh", z_thresh)
+  _checks.positive("z_thresh", z_thresh, allow_inf=True)
   if max_grad_norm is not None:
-    _checks.nonnegative("max_grad_norm", max_grad_norm)
+    _checks.bound("max_grad_norm", max_grad_norm)
   _checks.nonnegative("eps", eps)
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
   mode = _checks.one_of("mode", mode.lower() if isinstance(mode, str) else mode,
@@ -95,6 +103,8 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   clip_option = _checks.one_of("clip_option", clip_option,
                                ("adaptive_scaling", "mean"))
   _checks.positive("clip_factor", clip_factor)
+  skip_update_on_spike = _checks.boolean("skip_update_on_spike",
+                                         skip_update_on_spike)
   cap = jnp.inf if max_grad_norm is None else max_grad_norm
 
   @_xla.fresh_state
@@ -102,21 +112,23 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
     del params
     z = jnp.zeros((), jnp.float32)
     f = jnp.zeros((), jnp.bool_)
-    return ZClipState(jnp.zeros((warmup_steps,), jnp.float32),
-                      jnp.zeros((), jnp.int32), z, z, z, z, f, f, z)
+    return ZClipState(warmup=jnp.zeros((warmup_steps,), jnp.float32),
+                      observed=jnp.zeros((), jnp.int32), mean=z, var=z, norm=z,
+                      threshold=z, clipped=f, spike=f, zscore=z)
 
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
     n = _norms.global_norm(updates, axis_name)
-    ok = jnp.isfinite(n)
-    ready = state.count >= warmup_steps  # EMA initialised before this step
+    ok = jnp.isfinite(n) & (n > 0)  # an observation
+    ready = state.observed >= warmup_steps  # EMA initialised before this step
 
     # Warm-up: buffer the norm; initialise the EMA at the last warm-up step.
-    buf, count = _stats.ring_push(state.warmup, state.count, n, ok & ~ready)
+    buf, observed = _stats.ring_push(state.warmup, state.observed, n,
+                                     ok & ~ready)
     pop_mean = jnp.mean(buf)
     pop_var = jnp.mean(jnp.square(buf - pop_mean))
-    init_now = ~ready & (count == warmup_steps)
+    init_now = ~ready & (observed == warmup_steps)
 
     # Spike test and clip value against the EMA.
     std = jnp.sqrt(state.var)
@@ -143,9 +155,10 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
                              ema_ok)
     mean = jnp.where(init_now, pop_mean, stats.mean)
     var = jnp.where(init_now, pop_var, stats.var)
-    count = jnp.where(ready, state.count + ok.astype(jnp.int32), count)
-    new_state = ZClipState(buf, count, mean, var, n, bound, s < 1, spike,
-                           jnp.where(ready, z, 0.0))
+    observed = jnp.where(ready, _stats.inc(state.observed, ok), observed)
+    new_state = ZClipState(warmup=buf, observed=observed, mean=mean, var=var,
+                           norm=n, threshold=bound, clipped=s < 1, spike=spike,
+                           zscore=jnp.where(ready, z, 0.0))
     return _norms.scale_tree(updates, s), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -62,7 +62,7 @@ def test_autoclip_nan_step_is_not_recorded():
   norms = NORMS[:10] + [np.nan] + NORMS[10:20]
   out, states = drive(gt.autoclip(25.0, history=64), norms)
   assert np.isnan(out[10])  # passed through, not repaired
-  assert int(states[-1].count) == 20
+  assert int(states[-1].observed) == 20
   np.testing.assert_allclose(out[11:], autoclip_ref(NORMS[:20], 25.0)[10:],
                              rtol=2e-5)
 
