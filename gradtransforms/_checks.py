@@ -156,11 +156,3 @@ def float_leaves(name: str, tree: Any) -> None:
 def needs_params(name: str, params: Any) -> None:
   if params is None:
     raise ValueError(f"{name} needs params: call update(updates, state, params)")
-
-
-def boolean(name: str, value: Any) -> bool:
-  """Returns ``value`` if it is a bool (NumPy bools too); raises ``TypeError``
-  for anything else, strings such as ``"False"`` included."""
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
-  raise TypeError(f"{name} must be a bool, got {value!r}")

@@ -82,7 +82,7 @@ def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
   _checks.positive("relative_threshold", relative_threshold)
   _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
-  _checks.nonnegative("max_norm", max_norm)
+  _checks.bound("max_norm", max_norm)
   layer_axes = _layout.check_layer_axes(layer_axes)
 
   def init_fn(params):

@@ -123,7 +123,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
   Args:
     max_abs: the bound, >= 0.
   """
-  _checks.nonnegative("max_abs", max_abs)
+  _checks.bound("max_abs", max_abs)
 
   @_xla.fresh_state
   def init_fn(params):
@@ -169,7 +169,7 @@ def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
       axis, the squared norms are summed over it so all devices agree. Leave
       None for replicated (data-parallel, already averaged) gradients.
   """
-  _checks.nonnegative("max_norm", max_norm)
+  _checks.bound("max_norm", max_norm)
 
   @_xla.fresh_state
   def init_fn(params):
@@ -208,7 +208,7 @@ def clip_by_leaf_norm(max_norm: float, *, layer_axes: LayerAxes = None,
       params holding ints or None: the leaf's stacked-layer axis.
     axis_name: as in :func:`clip_by_global_norm`.
   """
-  _checks.nonnegative("max_norm", max_norm)
+  _checks.bound("max_norm", max_norm)
   layer_axes = _layout.check_layer_axes(layer_axes)
 
   def init_fn(params):
@@ -242,7 +242,7 @@ def clip_by_block_rms(threshold: float, *, layer_axes: LayerAxes = None,
     axis_name: as in :func:`clip_by_global_norm`; the element count is summed
       over the axis too.
   """
-  _checks.nonnegative("threshold", threshold)
+  _checks.bound("threshold", threshold)
   layer_axes = _layout.check_layer_axes(layer_axes)
 
   def init_fn(params):

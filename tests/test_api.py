@@ -111,7 +111,7 @@ def test_inject_hyperparams_with_static_and_string_arguments():
   s = tx.init(p)
   for _ in range(3):
     _, s = jax.jit(tx.update)(p, s)
-  assert int(gt.metrics(s)["zclip/count"]) == 3
+  assert int(gt.metrics(s)["zclip/observed"]) == 3
   np.testing.assert_allclose(gt.metrics(s)["zclip/norm"], np.sqrt(3.0), rtol=1e-6)
   bad = optax.inject_hyperparams(gt.zclip)(warmup_steps=2)
   s = bad.init(p)  # concrete at init: accepted

@@ -290,3 +290,17 @@ def test_rollback_forms_are_bit_identical():
                                     np.asarray(y).reshape(-1).view(np.uint8))
       np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
                                     np.asarray(z).reshape(-1).view(np.uint8))
+
+
+@pytest.mark.parametrize("make", [gt.clip_by_value, gt.clip_by_global_norm,
+                                  gt.clip_by_leaf_norm, gt.clip_by_block_rms,
+                                  lambda b: gt.adagc(max_norm=b, warmup_steps=2)])
+def test_infinite_bound_never_clips_and_nan_or_list_is_refused(make):
+  t = {"a": jnp.asarray([3e5, -2.0]), "b": jnp.ones((2, 2)) * 1e4}
+  tx = make(float("inf"))
+  out, _ = jax.jit(tx.update)(t, tx.init(t))
+  chex.assert_trees_all_equal(out, t)
+  with pytest.raises(ValueError):
+    make(float("nan"))
+  with pytest.raises(TypeError):
+    make([1.0])
