@@ -4,100 +4,111 @@ method, a table, plots, and a diagnosis of the first explosion."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
+from gradtransforms.demo import tables
+from gradtransforms.demo.methods import METHODS, SCENARIOS, run, summarize
+from gradtransforms.demo.progress import Steps
 from gradtransforms.diagnose import diagnose
-from gradtransforms.tasks.scenarios import METHODS, SCENARIOS, run, summarize
+
+HEADER = ("scenario", "method", "diverged", "NaN at step", "final loss",
+          "max grad norm", "skipped")
 
 
-def _fmt(x, spec=".3g"):
-  return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
-
-
-def table(rows: list[dict], title: str) -> Table:
-  t = Table(title=title)
-  for col in ("scenario", "method", "diverged", "NaN at step", "final loss",
-              "max grad norm", "skipped"):
-    left = col in ("scenario", "method")
-    t.add_column(col, justify="left" if left else "right", no_wrap=left)
-  for r in rows:
-    t.add_row(r["scenario"], r["method"], "yes" if r["diverged"] else "no",
-              _fmt(r["nan_step"], "d"), _fmt(r["final_loss"]),
-              _fmt(r["max_norm"]), str(r["skipped"]))
-  return t
-
-
-def markdown(rows: list[dict]) -> str:
-  lines = ["| scenario | method | diverged | NaN at step | final loss | "
-           "max grad norm | skipped |", "|---|---|---|---:|---:|---:|---:|"]
-  for r in rows:
-    lines.append(f"| {r['scenario']} | {r['method']} | "
-                 f"{'yes' if r['diverged'] else 'no'} | {_fmt(r['nan_step'], 'd')} | "
-                 f"{_fmt(r['final_loss'])} | {_fmt(r['max_norm'])} | {r['skipped']} |")
-  return "\n".join(lines) + "\n"
+def table_rows(rows: list[dict]) -> list[tuple]:
+  return [(r["scenario"], r["method"], r["diverged"],
+           "-" if r["nan_step"] is None else str(r["nan_step"]),
+           r["final_loss"], r["max_norm"], r["skipped"]) for r in rows]
 
 
 def plot(histories: dict, path: Path) -> None:
+  """Gradient norm and loss per scenario (one row each), one shared legend
+  above the panels; the unclipped baseline ("none") is a wide grey line under
+  the others, and a diverged run ends in an X at its last finite value."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  names = list(dict.fromkeys(s for s, _ in histories))
-  fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6),
-                           squeeze=False)
-  for j, sc in enumerate(names):
-    for (s, m), h in histories.items():
-      if s != sc:
+  from matplotlib.ticker import NullFormatter
+  scen = list(dict.fromkeys(s for s, _ in histories))
+  methods = list(dict.fromkeys(m for _, m in histories))
+  palette = iter(plt.get_cmap("tab10").colors)
+  style = {m: dict(color="#b0b0b0", lw=3.0, zorder=1) if m == "none" else
+           dict(color=next(palette), lw=1.0, zorder=2) for m in methods}
+  fig, axes = plt.subplots(len(scen), 2, figsize=(9, 1.9 * len(scen) + 0.8),
+                           squeeze=False, sharex=True, layout="constrained")
+  for i, sc in enumerate(scen):
+    for m in methods:
+      h = histories.get((sc, m))
+      if h is None:
         continue
-      axes[0, j].plot(h["monitor/norm"], label=m, lw=1)
-      axes[1, j].plot(h["loss"], label=m, lw=1)
-    axes[0, j].set_title(sc, fontsize=9)
-    for ax in axes[:, j]:
+      for ax, key in ((axes[i, 0], "monitor/norm"), (axes[i, 1], "loss")):
+        y = np.asarray(h[key], float)
+        ax.plot(y, **style[m])
+        finite = np.flatnonzero(np.isfinite(y))
+        if len(finite) < len(y) and len(finite):  # diverged: mark its end
+          t = finite[-1]
+          ax.plot(t, y[t], "X", color=style[m]["color"], ms=9, mec="black",
+                  mew=0.7, zorder=3)
+    axes[i, 0].set_ylabel(sc, fontsize=8.5)
+    for ax in axes[i]:
       ax.set_yscale("log")
-      ax.set_xlabel("step", fontsize=8)
-  axes[0, 0].set_ylabel("gradient norm (pre-clip)")
-  axes[1, 0].set_ylabel("loss")
-  axes[0, -1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+      ax.yaxis.set_minor_formatter(NullFormatter())
+      ax.tick_params(labelsize=7.5)
+  axes[0, 0].set_title("gradient norm (before clipping)", fontsize=9)
+  axes[0, 1].set_title("loss", fontsize=9)
+  for ax in axes[-1]:
+    ax.set_xlabel("step", fontsize=8.5)
+  handles = [plt.Line2D([], [], color=style[m]["color"], lw=max(style[m]["lw"], 2))
+             for m in methods]
+  handles.append(plt.Line2D([], [], ls="", marker="X", color="white", mec="black",
+                            ms=8))
+  fig.legend(handles, methods + ["diverged (at its last finite value)"],
+             loc="outside upper center", ncol=min(len(handles), 4), fontsize=8,
+             frameon=False)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def main(steps: int = 300, out: str = "demo_results", scenarios=None,
+def main(steps: int = 300, out: str | Path = "demo_results", scenarios=None,
          methods=None, seed: int = 0) -> list[dict]:
+  """Runs the demo; writes ``curves.png``, ``summary.md`` and
+  ``summary.json`` into ``out`` and returns the summary rows."""
   console = Console(width=110)
-  scenarios = scenarios or list(SCENARIOS)
-  methods = methods or list(METHODS)
-  out_dir = Path(out)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  scenarios = list(scenarios or SCENARIOS)
+  methods = list(methods or METHODS)
+  for name, known in ((scenarios, SCENARIOS), (methods, METHODS)):
+    for n in name:
+      if n not in known:
+        raise ValueError(f"unknown name {n!r}; choose from {list(known)}")
   rows, histories = [], {}
-  t0 = time.perf_counter()
-  with Progress(console=console, transient=True) as progress:
-    task = progress.add_task("training", total=len(scenarios) * len(methods))
+  with Steps(len(scenarios) * len(methods), "runs", console=console) as progress:
     for sc in scenarios:
       for m in methods:
-        progress.update(task, description=f"{sc} / {m}")
+        progress.start(f"{sc} / {m}")
         h = run(sc, m, steps=steps, seed=seed)
         histories[(sc, m)] = h
         rows.append({"scenario": sc, "method": m, **summarize(h)})
-        progress.advance(task)
-  elapsed = time.perf_counter() - t0
-  console.print(table(rows, f"{steps} steps of SGD+momentum, seed {seed} "
-                            f"({elapsed:.0f}s)"))
+        progress.done()
+    elapsed = progress.elapsed
+  console.print(tables.rich_table(
+      HEADER, table_rows(rows),
+      title=f"{steps} steps of SGD+momentum, seed {seed} ({elapsed:.0f}s)"))
   for sc in scenarios:
     console.print(f"[dim]{sc}: {SCENARIOS[sc].note}[/dim]")
   first = next(((s, m) for (s, m) in histories if m == "none"
                 and summarize(histories[(s, m)])["diverged"]), None)
   if first:
     console.print(f"\n[bold]gt.diagnose[/bold] of {first[0]} / {first[1]}:")
-    console.print(diagnose(histories[first], loss=histories[first]["loss"]).report)
+    console.print(diagnose(histories[first],
+                           loss=list(histories[first]["loss"])).report)
+  out_dir = Path(out)
+  out_dir.mkdir(parents=True, exist_ok=True)
   plot(histories, out_dir / "curves.png")
-  (out_dir / "summary.md").write_text(markdown(rows))
+  (out_dir / "summary.md").write_text(tables.markdown(HEADER, table_rows(rows)))
   (out_dir / "summary.json").write_text(json.dumps(rows, indent=1))
-  console.print(f"\nwrote {out_dir / 'curves.png'}, {out_dir / 'summary.md'}")
+  console.print(f"\nwrote {out_dir / 'curves.png'}, {out_dir / 'summary.md'}, "
+                f"{out_dir / 'summary.json'}")
   return rows
