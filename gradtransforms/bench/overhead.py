@@ -26,30 +26,34 @@ Writes ``overhead.{md,json,png}`` (``overhead_gpu.*`` on a GPU) into --out.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import re
-import resource
-import sys
-import time
-from datetime import date
-from pathlib import Path
-from typing import Any, Callable
+from gradtransforms._extras import require
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+require("demo", "flax", "matplotlib", "rich", what="gradtransforms bench")
 
-from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from datetime import date  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,  # noqa: E402
                                   out_dir, positive_float, positive_int)
-from gradtransforms.catalogue import CATALOGUE
-from gradtransforms.demo import tables
-from gradtransforms.demo.progress import Steps
-from gradtransforms.models import LSTM, DeepMLP, ElmanRNN
+from gradtransforms.catalogue import CATALOGUE  # noqa: E402
+from gradtransforms.demo import tables  # noqa: E402
+from gradtransforms.demo.progress import Steps  # noqa: E402
+from gradtransforms.models import LSTM, DeepMLP, ElmanRNN  # noqa: E402
 
 REFERENCE = "one_read"
 # Benchmarked: the reference, then every catalogue entry whose updates need
@@ -474,26 +478,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
   platform_name = jax.devices()[0].platform
   k = args.steps_per_sample or (1 if platform_name == "cpu" else 20)
   info = machine(k)
-  work: list[Callable[[Steps], list[dict]]] = []
+  jobs: list[tuple[str, int, int]] = []  # (kind, params, leaves)
   for size in args.sizes:
-    n = int(size * 1e6)
     if not args.no_trees:
-      work += [lambda p, n=n, leaves=leaves: measure_trees(
-          n, leaves, names, args.rounds, args.warmup, k, p)
-               for leaves in args.leaves]
+      jobs += [("tree", int(size * 1e6), leaves) for leaves in args.leaves]
     if args.stacked:
-      work.append(lambda p, n=n: measure_stacked(
-          n, args.layers, args.stacked_leaves, names, args.rounds,
-          args.warmup, k, p))
-  if not args.no_models:
-    work.append(lambda p: measure_models(names, args.rounds, args.warmup, k, p))
-  chunks = -(-len(names) // CHUNK)
-  total = chunks * (len(work) - (0 if args.no_models else 1) +
-                    (0 if args.no_models else len(MODELS)))
+      jobs.append(("stacked", int(size * 1e6), args.stacked_leaves))
+  workloads = len(jobs) + (0 if args.no_models else len(MODELS))
   rows: list[dict[str, Any]] = []
-  with Steps(total, "chunks of methods") as progress:
-    for job in work:
-      rows += job(progress)
+  with Steps(workloads * -(-len(names) // CHUNK), "chunks of methods") as progress:
+    for kind, n, leaves in jobs:
+      if kind == "tree":
+        rows += measure_trees(n, leaves, names, args.rounds, args.warmup, k,
+                              progress)
+      else:
+        rows += measure_stacked(n, args.layers, leaves, names, args.rounds,
+                                args.warmup, k, progress)
+    if not args.no_models:
+      rows += measure_models(names, args.rounds, args.warmup, k, progress)
   args.out.mkdir(parents=True, exist_ok=True)
   out = args.out / stem(platform_name)
   md = to_markdown(rows, info)

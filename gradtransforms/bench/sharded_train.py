@@ -13,20 +13,24 @@ run matches the same run on one device (exit status 1 if not).
 
 from __future__ import annotations
 
-import argparse
-import sys
+from gradtransforms._extras import require
 
-import jax
-import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+require("demo", "flax", "matplotlib", "rich", what="gradtransforms bench")
 
-import gradtransforms as gt
-from gradtransforms.bench import HelpFormatter, positive_int
-from gradtransforms.models import DeepMLP
-from gradtransforms.tasks import corrupted, deep_regression
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import gradtransforms as gt  # noqa: E402
+from gradtransforms.bench import HelpFormatter, positive_int  # noqa: E402
+from gradtransforms.models import DeepMLP  # noqa: E402
+from gradtransforms.tasks import corrupted, deep_regression  # noqa: E402
 
 
 def train(mesh: Mesh | None, steps: int, batch: int, seed: int = 0):

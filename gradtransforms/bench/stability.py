@@ -10,18 +10,22 @@ momentum 0.9). Writes ``stability.{md,json,png}`` into --out.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from gradtransforms._extras import require
 
-import numpy as np
+require("demo", "flax", "matplotlib", "rich", what="gradtransforms bench")
 
-from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,  # noqa: E402
                                   out_dir, positive_int)
-from gradtransforms.demo import tables
-from gradtransforms.demo.methods import METHODS, SCENARIOS, run, summarize
-from gradtransforms.demo.progress import Steps
+from gradtransforms.demo import tables  # noqa: E402
+from gradtransforms.demo.methods import METHODS, SCENARIOS, run, summarize  # noqa: E402
+from gradtransforms.demo.progress import Steps  # noqa: E402
 
 
 def loss_spikes(loss: np.ndarray, factor: float = 5.0, window: int = 20) -> int:

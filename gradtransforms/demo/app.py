@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -34,9 +35,10 @@ def plot(histories: dict, path: Path) -> None:
   from matplotlib.ticker import NullFormatter
   scen = list(dict.fromkeys(s for s, _ in histories))
   methods = list(dict.fromkeys(m for _, m in histories))
-  palette = iter(plt.get_cmap("tab10").colors)
-  style = {m: dict(color="#b0b0b0", lw=3.0, zorder=1) if m == "none" else
-           dict(color=next(palette), lw=1.0, zorder=2) for m in methods}
+  palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+  style: dict[str, dict[str, Any]] = {
+      m: dict(color="#b0b0b0", lw=3.0, zorder=1) if m == "none" else
+      dict(color=next(palette), lw=1.0, zorder=2) for m in methods}
   fig, axes = plt.subplots(len(scen), 2, figsize=(9, 1.9 * len(scen) + 0.8),
                            squeeze=False, sharex=True, layout="constrained")
   for i, sc in enumerate(scen):

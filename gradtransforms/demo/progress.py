@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class Steps:
@@ -18,7 +18,7 @@ class Steps:
     self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
     self.i = 0
     self._console = console
-    self._bar = None
+    self._bar: Any = None
 
   def __enter__(self) -> "Steps":
     self.t0 = time.perf_counter()
