@@ -19,7 +19,7 @@ import numpy as np
 from jax.tree_util import GetAttrKey
 
 from gradtransforms import _layout
-from gradtransforms._registry import lookup
+from gradtransforms._registry import info, lookup
 
 # Path entries that only say "the wrapped optimizer's state": dropped from keys.
 _WRAPPER_KEYS = {"inner_state", "inner_states", "inner_opt_state", "opt_state"}
@@ -40,12 +40,12 @@ def _find(tree: Any, prefix: tuple) -> Iterator[tuple[tuple, Any]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: lookup(type(x)) is not None)
   for path, state in flat:
-    info = lookup(type(state))
-    if info is None:
+    reg = lookup(type(state))
+    if reg is None:
       continue
     yield prefix + path, state
     for field in state._fields:
-      if field not in info.figures:
+      if field not in reg.figures:
         yield from _find(getattr(state, field), prefix + path + (GetAttrKey(field),))
 
 
@@ -54,7 +54,7 @@ def states(opt_state: Any) -> list[tuple[str, Any]]:
   if hasattr(opt_state, "opt_state") and hasattr(opt_state, "model"):
     opt_state = opt_state.opt_state  # an nnx.Optimizer
   found = list(_find(_layout.unwrap(opt_state), ()))
-  names = [lookup(type(s)).name for _, s in found]
+  names = [info(type(s)).name for _, s in found]
   out = []
   for (path, state), name in zip(found, names):
     if names.count(name) > 1:
@@ -94,7 +94,7 @@ def metrics(opt_state: Any, per_leaf: bool = False) -> dict[str, Any]:
                      "optimizer built with gradtransforms transforms")
   out: dict[str, Any] = {}
   for name, state in found:
-    for fig in lookup(type(state)).figures:
+    for fig in info(type(state)).figures:
       value = getattr(state, fig)
       if isinstance(value, _layout.PerLeaf):
         if per_leaf:
@@ -125,8 +125,7 @@ def culprits(opt_state: Any, params: Any = None) -> dict[str, Any]:
   """
   out: dict[str, Any] = {}
   for name, state in states(opt_state):
-    info = lookup(type(state))
-    roles = info.roles
+    roles = info(type(state)).roles
     if "culprit" not in roles:
       continue
     seg = _segment_names(state)

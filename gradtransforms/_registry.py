@@ -57,6 +57,11 @@ def lookup(cls: type) -> Info | None:
   return _REGISTRY.get(cls)
 
 
+def info(cls: type) -> Info:
+  """The registration of a registered state class."""
+  return _REGISTRY[cls]
+
+
 def with_role(role: str) -> list[tuple[str, str]]:
   """``(transform name, figure)`` pairs that play ``role``, in registration
   order (monitors first)."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from gradtransforms import _checks, _layout, _norms, _stats, _xla
 from gradtransforms._layout import LayerAxes, PerLeaf
-from gradtransforms._registry import lookup, register
+from gradtransforms._registry import info, register
 
 _I32, _F32 = jnp.int32, jnp.float32
 
@@ -167,7 +167,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
 def event_figures(state: Any) -> dict[str, jax.Array]:
   """A registered state's scalar figures (per-leaf ones left out), for
   ``on_event``; ``step`` is given as the 0-based index of the step."""
-  figs = {f: getattr(state, f) for f in lookup(type(state)).figures}
+  figs = {f: getattr(state, f) for f in info(type(state)).figures}
   figs = {k: v for k, v in figs.items() if not isinstance(v, PerLeaf)}
   if "step" in figs:
     figs["step"] = figs["step"] - 1

@@ -107,7 +107,7 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
                        f"has {steps} steps; pass one loss per step")
     bad |= ~np.isfinite(loss)
   first_bad = int(np.argmax(bad)) if bad.any() else None
-  leaves = {}
+  leaves: dict[str, np.ndarray] = {}
   for k in _role_keys("leaf_norm", list(s), per_leaf=True):
     head, fig_leaf = k.split("/", 1)
     leaves.setdefault(fig_leaf.split("/", 1)[1], s[k])
