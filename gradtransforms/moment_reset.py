@@ -64,6 +64,7 @@ def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
     inner: the optimizer whose Adam moments are reset.
     interval: steps between resets (static), >= 1. Paper default: 500.
   """
+  _checks.transformation("inner", inner)
   interval = _checks.integer("interval", interval, minimum=1)
   inner = optax.with_extra_args_support(inner)
 

@@ -97,6 +97,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
       itself is elementwise and needs no communication).
   """
   _checks.bound("threshold", threshold, strict=True)
+  _checks.axis_name("axis_name", axis_name)
   _checks.in_range("b2", b2, 0.0, 1.0, hi_open=True)
 
   def init_fn(params):  # distinct, strongly typed buffers: no copy needed
