@@ -49,9 +49,9 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   """ZClip (Kumar et al., 2025, "ZClip: Adaptive Spike Mitigation for LLM
   Pre-Training"), step for step as the authors' reference implementation.
 
-  Warm-up (the first ``warmup_steps`` finite norms): the norms are buffered
-  and the update is clipped to ``max_grad_norm``; at the last warm-up step
-  ``mu = mean(buffer)``, ``var = mean((buffer - mu)**2)``.
+  Warm-up (the first ``warmup_steps`` finite non-zero norms): the norms are
+  buffered and the update is clipped to ``max_grad_norm``; at the last
+  warm-up step ``mu = mean(buffer)``, ``var = mean((buffer - mu)**2)``.
 
   Afterwards, with ``sigma = sqrt(var)`` and ``z = (n - mu) / (sigma + eps)``:
 

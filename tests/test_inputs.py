@@ -205,6 +205,14 @@ def test_per_example_needs_a_common_batch_axis(tree, match):
     tx.update(tree, tx.init(tree))
 
 
+def test_per_example_empty_batch_gives_zeros():
+  for reduce in ("mean", "sum"):
+    g = {"w": jnp.zeros((0, 3)), "b": jnp.zeros((0,))}
+    out, state = gt.per_example_clip(1.0, reduce=reduce).update(g, None)
+    chex.assert_trees_all_equal(out, {"w": jnp.zeros((3,)), "b": jnp.zeros(())})
+    assert [float(x) for x in state] == [0.0, 0.0, 0.0]
+
+
 def test_per_example_nonfinite_example_passes_unscaled():
   g = {"w": jnp.asarray([[jnp.inf, 0.0], [3.0, 4.0]])}
   out, state = gt.per_example_clip(1.0, reduce="sum").update(g, None)
