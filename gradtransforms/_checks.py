@@ -37,11 +37,11 @@ def _number(name: str, value: Any, allow_inf: bool = False
   """
   if (value is None or isinstance(value, (bool, np.bool_, str, bytes)) or
       not (isinstance(value, (int, float, np.number, np.ndarray, jax.Array)))):
-    raise TypeError(f"{name} must be a real number (a Python number or a 0-d "
-                    f"array), got {value!r}")
+    raise TypeError(f"{name} must be a scalar real number (a Python number "
+                    f"or a 0-d array), got {value!r}")
   if np.ndim(value) != 0:
-    raise TypeError(f"{name} must be a scalar, got an array of shape "
-                    f"{np.shape(value)}")
+    raise TypeError(f"{name} must be a scalar real number, got an array of "
+                    f"shape {np.shape(value)}")
   if jnp.result_type(value).kind not in "fiu":
     raise TypeError(f"{name} must be a real number, got {value!r} of dtype "
                     f"{jnp.result_type(value)}")
@@ -142,6 +142,33 @@ def one_of(name: str, value: Any, options: Iterable[str]) -> str:
   if value not in options:
     raise ValueError(f"{name} must be one of {options}, got {value!r}")
   return value
+
+
+def axis_name(name: str, value: Any) -> Any:
+  """Returns a ``shard_map``/``pmap`` axis name: None, a str or a tuple of
+  strs (several mesh axes); ``TypeError`` otherwise."""
+  ok = value is None or isinstance(value, str) or (
+      isinstance(value, tuple) and value and
+      all(isinstance(v, str) for v in value))
+  if not ok:
+    raise TypeError(f"{name} must be None, an axis name (str) or a tuple of "
+                    f"axis names, got {value!r}")
+  return value
+
+
+def transformation(name: str, value: Any) -> Any:
+  """Raises ``TypeError`` unless ``value`` is an optax transformation (an
+  object with ``init`` and ``update``), naming the common mistake of passing
+  the factory (``optax.adam``) instead of an instance (``optax.adam(1e-3)``)."""
+  if callable(getattr(value, "init", None)) and callable(
+      getattr(value, "update", None)):
+    return value
+  hint = ""
+  if callable(value):
+    hint = (f"; {getattr(value, '__name__', value)!s} looks like a factory: "
+            "call it (e.g. optax.adam(1e-3))")
+  raise TypeError(f"{name} must be an optax.GradientTransformation, got "
+                  f"{value!r}{hint}")
 
 
 def float_leaves(name: str, tree: Any) -> None:

@@ -59,6 +59,7 @@ def autoclip(percentile: float = 10.0, history: int = 10_000, *,
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
   _checks.in_range("percentile", percentile, 0.0, 100.0)
+  _checks.axis_name("axis_name", axis_name)
   history = _checks.integer("history", history, minimum=1)
 
   @_xla.fresh_state

@@ -33,13 +33,12 @@ def _has_adam(state) -> bool:
 
 def _reset_adam(state):
   def reset(s):
-    if isinstance(s, optax.ScaleByAdamState):
+    if _is_adam(s):
       return s._replace(count=jnp.zeros_like(s.count),
                         mu=_norms.zeros_like_tree(s.mu),
                         nu=_norms.zeros_like_tree(s.nu))
     return s
-  return jax.tree.map(reset, state,
-                      is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+  return jax.tree.map(reset, state, is_leaf=_is_adam)
 
 
 def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
@@ -56,7 +55,8 @@ def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
   state has no ``optax.ScaleByAdamState`` (a reset would do nothing, and
   ``resets`` would count resets that never happened). NaN/Inf, zeros and
   empty trees are the inner optimizer's business: the reset itself only
-  writes zeros, on schedule, whatever the gradients.
+  writes zeros, on schedule, whatever the gradients. After 2**31 - 1 steps
+  the step counter saturates and no further reset happens.
 
   State: :class:`MomentResetState` ``(step, resets, inner_state)``.
 
@@ -64,6 +64,7 @@ def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
     inner: the optimizer whose Adam moments are reset.
     interval: steps between resets (static), >= 1. Paper default: 500.
   """
+  _checks.transformation("inner", inner)
   interval = _checks.integer("interval", interval, minimum=1)
   inner = optax.with_extra_args_support(inner)
 

@@ -53,6 +53,7 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
       the sums (and the batch size, for the mean) are ``psum``-ed over it.
   """
   _checks.bound("l2_norm_clip", l2_norm_clip)
+  _checks.axis_name("axis_name", axis_name)
   reduce = _checks.one_of("reduce", reduce, ("mean", "sum"))
 
   @_xla.fresh_state
@@ -84,7 +85,7 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
       raise ValueError(
           "per_example_clip: every leaf of updates needs the same leading "
           f"batch axis, got sizes {sorted(sizes)} (e.g. "
-          + ", ".join(f"{n!r}: {b}" for b, n in sorted(first.items())) + ")")
+          + ", ".join(f"{n!r}: {b}" for b, n in first.items()) + ")")
     batch = sizes.pop()
 
     def sq(x):

@@ -60,6 +60,7 @@ def quantile_clip(target_quantile: float = 0.5, learning_rate: float = 0.2,
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
   _checks.in_range("target_quantile", target_quantile, 0.0, 1.0)
+  _checks.axis_name("axis_name", axis_name)
   _checks.positive("learning_rate", learning_rate)
   _checks.bound("initial_clip", initial_clip, strict=True)
 

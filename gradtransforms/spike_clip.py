@@ -19,12 +19,10 @@ from gradtransforms._registry import register
 class SpikeClipState(NamedTuple):
   """``step``: update calls so far (saturates at 2**31 - 1); ``bound``: per
   entry, the clip level of the last step (``sqrt(theta * v_hat)``, see
-  :func:`spike_clip`; it also encodes the EMA ``v``). ``bound == 0``: the
-  entry has no history yet (``v = 0``); ``bound < 0``: its first non-zero
-  gradient arrived at the last step and passed unclipped (``|bound|`` is the
-  level). ``clipped``: some entry was clipped at the last step;
-  ``max_excess``: the largest ``|g| - bound`` over entries with a history
-  (> 0 iff ``clipped``; NaN if such an entry was NaN; ``-inf`` if none).
+  :func:`spike_clip`; it also encodes the EMA ``v``; 0 for an entry without
+  history). ``clipped``: some entry was clipped at the last step;
+  ``max_excess``: the largest ``|g| - bound`` of the last step (> 0 iff
+  ``clipped``; NaN if the gradient held a NaN).
   """
   step: jax.Array
   bound: optax.Updates
@@ -56,28 +54,30 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
   against Adam's own second moment; keeping ``v`` here makes the transform
   usable before any optimizer, at the cost of one more state tree.
 
-  Entries without a history are never clipped: a spike is a gradient far
+  Entries without a history are not clipped: a spike is a gradient far
   above the entry's usual magnitude, and an entry whose ``v`` is still 0
   (its gradient was 0 so far: an embedding row missing from the first
   batches, a LoRA ``A`` at step 0) has none; clipping it to
   ``sqrt(theta * 0) = 0`` would keep its ``v`` at 0 and the entry frozen
-  forever. Its first non-zero gradient passes unchanged and initialises
-  ``v = (1 - b2**(t+1)) g**2``, so that ``v_hat = g**2`` from its first
-  observation as for the entries seen at step 0 (for those this is the
-  usual ``(1 - b2) g**2``); a long stretch of zero gradients only decays
-  ``v`` (if it underflows to 0 the entry starts afresh). After a zero
-  stretch the bound regrows by a factor up to ``sqrt(b2 + (1 - b2) theta)``
-  per step (about 2.4 with the defaults).
+  forever. Its first non-zero gradient passes unchanged (for
+  ``threshold >= 1``; a threshold below 1 clips every entry below its own
+  RMS, this one included) and initialises ``v = (1 - b2**(t+1)) g**2``, so
+  that ``v_hat = g**2`` from its first observation as for the entries seen
+  at step 0 (for those this is the usual ``(1 - b2) g**2``). A long stretch
+  of zero gradients only decays ``v`` (if it underflows to 0 the entry
+  starts afresh); after it the bound regrows by a factor up to
+  ``sqrt(b2 + (1 - b2) theta)`` per step (about 2.4 with the defaults).
 
   How it is computed (same numbers, one pass, no temporaries): with
   ``r = sqrt(v)`` and ``k = sqrt(threshold / (1 - b2**t))`` the clipped
   entry is ``clip(g, -k r_t, k r_t)``, and it equals
   ``clip(g, -K r_{t+1}, K r_{t+1})`` with ``K = k / sqrt(b2 + (1 - b2) k**2)``
   (square both sides of the EMA). The state keeps that level,
-  ``bound = K r_{t+1}``, per entry, with its sign marking an entry seen for
-  the first time (negative: pass unclipped): the EMA is updated first, in
-  place, and the optimizer after this transform reads the clipped gradient
-  from ``g`` and the new ``bound``, never the old state. (Keeping ``v``
+  ``bound = K r_{t+1}``, per entry: the EMA is updated first, in place, and
+  the optimizer after this transform reads the clipped gradient from ``g``
+  and the new ``bound``, never the old state. (The same holds for an entry
+  seen for the first time: with ``v_{t+1} = (1 - b2**(t+1)) g**2`` its
+  level ``K r_{t+1}`` is ``>= |g|`` exactly when ``threshold >= 1``.) (Keeping ``v``
   itself made XLA:CPU copy it or materialise the clipped gradient every
   step: 5x an Adam step instead of 1.5-2x.)
 
@@ -97,6 +97,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
       itself is elementwise and needs no communication).
   """
   _checks.bound("threshold", threshold, strict=True)
+  _checks.axis_name("axis_name", axis_name)
   _checks.in_range("b2", b2, 0.0, 1.0, hi_open=True)
 
   def init_fn(params):  # distinct, strongly typed buffers: no copy needed
@@ -111,7 +112,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
     t = state.step
     active = t > 0
     k, big_k = _bound_factor(t, threshold, b2)
-    # r_t = |bound| / K_{t-1}: undo the previous step's factor.
+    # r_t = bound / K_{t-1}: undo the previous step's factor.
     to_rms = 1.0 / _bound_factor(t - 1, threshold, b2)[1]
     # v of an entry seen for the first time: v_hat = g**2 at the next step.
     first = 1.0 - jnp.asarray(b2, jnp.float32) ** (t.astype(jnp.float32) + 1)
@@ -120,20 +121,20 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
       acc = _norms.acc_dtype(g)
       g32 = g.astype(acc)
       fresh = b == 0  # v = 0: no history
-      r = jnp.abs(b.astype(acc)) * to_rms.astype(acc)
+      r = b.astype(acc) * to_rms.astype(acc)
       lim = k.astype(acc) * r
       clipped = jnp.where(active & ~fresh, jnp.clip(g32, -lim, lim), g32)
       sq = clipped * clipped
-      v_new = jnp.where(fresh, first.astype(acc) * sq, b2 * r * r + (1 - b2) * sq)
+      w = jnp.where(fresh, first.astype(acc), 1 - b2)
+      v_new = b2 * r * r + w * sq
       v_new = jnp.where(jnp.isfinite(v_new), v_new, r * r)
       # The sqrt is the root: XLA:CPU materialises an expensive op that has
       # several consumers, and this way that is the state output itself.
-      root = jnp.sqrt(v_new * jnp.square(big_k).astype(acc))
-      return jnp.where(fresh, -root, root).astype(b.dtype)
+      return jnp.sqrt(v_new * jnp.square(big_k).astype(acc)).astype(b.dtype)
 
     def clip(g, b):
       b = b.astype(_norms.acc_dtype(g))
-      return jnp.where(b > 0, jnp.clip(g.astype(b.dtype), -b, b),
+      return jnp.where(active, jnp.clip(g.astype(b.dtype), -b, b),
                        g).astype(g.dtype)
 
     bound = jax.tree.map(new_bound, updates, state.bound)
@@ -142,9 +143,7 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
     # read (a count of clipped entries materialises a mask per leaf).
     def leaf_excess(g, b):
       d = jnp.result_type(g, b)
-      g, b = g.astype(d), b.astype(d)
-      return jnp.max(jnp.where(b > 0, jnp.abs(g) - b, -jnp.inf)
-                     ).astype(jnp.float32)
+      return jnp.max(jnp.abs(g.astype(d)) - b.astype(d)).astype(jnp.float32)
     excess = jnp.max(jnp.stack(
         [leaf_excess(g, b) for g, b in zip(leaves, b_leaves) if g.size]
         or [jnp.full((), -jnp.inf)]))

@@ -49,9 +49,9 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   """ZClip (Kumar et al., 2025, "ZClip: Adaptive Spike Mitigation for LLM
   Pre-Training"), step for step as the authors' reference implementation.
 
-  Warm-up (the first ``warmup_steps`` finite norms): the norms are buffered
-  and the update is clipped to ``max_grad_norm``; at the last warm-up step
-  ``mu = mean(buffer)``, ``var = mean((buffer - mu)**2)``.
+  Warm-up (the first ``warmup_steps`` finite non-zero norms): the norms are
+  buffered and the update is clipped to ``max_grad_norm``; at the last
+  warm-up step ``mu = mean(buffer)``, ``var = mean((buffer - mu)**2)``.
 
   Afterwards, with ``sigma = sqrt(var)`` and ``z = (n - mu) / (sigma + eps)``:
 
@@ -93,6 +93,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
   _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
+  _checks.axis_name("axis_name", axis_name)
   _checks.positive("z_thresh", z_thresh, allow_inf=True)
   if max_grad_norm is not None:
     _checks.bound("max_grad_norm", max_grad_norm)
