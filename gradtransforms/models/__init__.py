@@ -1,4 +1,4 @@
-"""Flax NNX reference models: deep MLP, Elman RNN, LSTM, GRU."""
+"""Flax NNX reference models: deep MLP, Elman RNN, LSTM, GRU, transformer LM."""
 
 from gradtransforms._extras import require
 
@@ -6,5 +6,6 @@ require("models", "flax", what="gradtransforms.models")
 
 from gradtransforms.models.mlp import DeepMLP  # noqa: E402
 from gradtransforms.models.rnn import GRU, LSTM, ElmanRNN  # noqa: E402
+from gradtransforms.models.transformer import TransformerLM  # noqa: E402
 
-__all__ = ["DeepMLP", "ElmanRNN", "GRU", "LSTM"]
+__all__ = ["DeepMLP", "ElmanRNN", "GRU", "LSTM", "TransformerLM"]
