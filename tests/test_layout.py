@@ -304,3 +304,23 @@ def test_infinite_bound_never_clips_and_nan_or_list_is_refused(make):
     make(float("nan"))
   with pytest.raises(TypeError):
     make([1.0])
+
+
+def test_clippy_under_inject_hyperparams_matches_the_plain_transform():
+  u = {"a": jnp.asarray([0.5, -0.02, 0.1]), "b": jnp.ones((2, 2)) * 0.3}
+  w = {"a": jnp.asarray([1.0, 0.0, -2.0]), "b": jnp.ones((2, 2))}
+  inj = optax.inject_hyperparams(gt.clippy)(relative_factor=0.1,
+                                            absolute_factor=0.01)
+  got, _ = jax.jit(inj.update)(u, inj.init(w), w)
+  want, _ = gt.clippy(0.1, 0.01).update(u, gt.clippy(0.1, 0.01).init(w), w)
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+
+
+def test_diagnose_refuses_empty_or_mismatched_input():
+  with pytest.raises(ValueError, match="empty"):
+    gt.diagnose([])
+  hist = [{"monitor/norm": 1.0 + i} for i in range(5)]
+  with pytest.raises(ValueError, match="loss"):
+    gt.diagnose(hist, loss=[1.0, 2.0])
+  with pytest.raises(ValueError, match="global-norm"):
+    gt.diagnose([{"something/else": 1.0}])
