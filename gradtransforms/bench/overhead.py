@@ -458,7 +458,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                   help="folder for overhead[_gpu].{md,json,png}")
   ap.add_argument("--replot-from", type=existing_file, default=None,
                   metavar="JSON", help="only redraw the plot of a results "
-                  "JSON written by this benchmark, into --out")
+                  "JSON written by this benchmark, into --out (default: run the "
+                  "benchmark)")
   return ap
 
 
