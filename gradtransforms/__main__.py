@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
   demo = sub.add_parser(
       "demo", formatter_class=HelpFormatter,
       help="compare clipping methods on scenarios that really explode "
-      "(about 2.5 minutes on 2 CPU cores)",
+      "(a few minutes on 2 CPU cores)",
       description="Trains every scenario with every method, prints a table "
       "and the diagnosis of the first explosion, writes curves.png, "
       "summary.md and summary.json.")

@@ -85,8 +85,7 @@ def plot(rows: list[dict], path: Path) -> None:
                    initial=np.inf, where=np.isfinite(loss))
   rel = np.clip(loss / best[:, None], 1.0, RELATIVE_MAX)
   fig, ax = plt.subplots(figsize=(1.15 * len(methods) + 2.6, 0.62 * len(scen) + 2.0))
-  cmap = plt.get_cmap("YlOrRd").copy()
-  cmap.set_bad("#3a3a3a")
+  cmap = plt.get_cmap("YlOrRd").with_extremes(bad="#3a3a3a")
   im = ax.imshow(np.ma.masked_invalid(rel), cmap=cmap,
                  norm=LogNorm(1.0, RELATIVE_MAX), aspect="auto")
   for i, s in enumerate(scen):
@@ -144,7 +143,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                   help="folder for stability.{md,json,png}")
   ap.add_argument("--replot-from", type=existing_file, default=None,
                   metavar="JSON", help="only redraw the plot of a results "
-                  "JSON written by this benchmark, into --out")
+                  "JSON written by this benchmark, into --out (default: run the "
+                  "benchmark)")
   return ap
 
 

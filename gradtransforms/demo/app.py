@@ -20,8 +20,7 @@ HEADER = ("scenario", "method", "diverged", "NaN at step", "final loss",
 
 
 def table_rows(rows: list[dict]) -> list[tuple]:
-  return [(r["scenario"], r["method"], r["diverged"],
-           "-" if r["nan_step"] is None else str(r["nan_step"]),
+  return [(r["scenario"], r["method"], r["diverged"], r["nan_step"],
            r["final_loss"], r["max_norm"], r["skipped"]) for r in rows]
 
 
@@ -32,7 +31,7 @@ def plot(histories: dict, path: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from matplotlib.ticker import NullFormatter
+  from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
   scen = list(dict.fromkeys(s for s, _ in histories))
   methods = list(dict.fromkeys(m for _, m in histories))
   palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
@@ -57,8 +56,14 @@ def plot(histories: dict, path: Path) -> None:
     axes[i, 0].set_ylabel(sc, fontsize=8.5)
     for ax in axes[i]:
       ax.set_yscale("log")
-      ax.yaxis.set_minor_formatter(NullFormatter())
-      ax.tick_params(labelsize=7.5)
+      lo, hi = ax.get_ylim()
+      if hi / lo < 20:  # under about a decade: label 2x and 5x ticks too
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+      else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+      ax.tick_params(which="both", labelsize=7.5)
   axes[0, 0].set_title("gradient norm (before clipping)", fontsize=9)
   axes[0, 1].set_title("loss", fontsize=9)
   for ax in axes[-1]:
@@ -95,9 +100,11 @@ def main(steps: int = 300, out: str | Path = "demo_results", scenarios=None,
         rows.append({"scenario": sc, "method": m, **summarize(h)})
         progress.done()
     elapsed = progress.elapsed
-  console.print(tables.rich_table(
-      HEADER, table_rows(rows),
-      title=f"{steps} steps of SGD+momentum, seed {seed} ({elapsed:.0f}s)"))
+  title = f"{steps} steps of SGD+momentum, seed {seed} ({elapsed:.0f}s)"
+  if console.is_terminal:
+    console.print(tables.rich_table(HEADER, table_rows(rows), title=title))
+  else:  # piped: plain markdown, nothing cut to a width
+    print(f"{title}\n\n{tables.markdown(HEADER, table_rows(rows))}", flush=True)
   for sc in scenarios:
     console.print(f"[dim]{sc}: {SCENARIOS[sc].note}[/dim]")
   first = next(((s, m) for (s, m) in histories if m == "none"

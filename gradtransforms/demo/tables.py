@@ -8,13 +8,16 @@ from typing import Any, Sequence
 
 
 def fmt(x: Any, spec: str = ".3g") -> str:
-  """``x`` formatted with ``spec``; ``"-"`` for None and NaN; strings as is."""
+  """``x`` formatted with ``spec``; ints in full; ``"-"`` for None and NaN;
+  strings as is."""
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "-"
   if isinstance(x, str):
     return x
   if isinstance(x, bool):
     return "yes" if x else "no"
+  if isinstance(x, int):  # counts and steps: every digit
+    return str(x)
   return format(x, spec)
 
 
