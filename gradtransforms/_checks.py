@@ -3,7 +3,14 @@
 Checks run at construction time on Python numbers and on concrete arrays.
 Traced values (for example hyperparameters injected by
 ``optax.inject_hyperparams`` inside ``jit``) cannot be inspected without a host
-sync, so they are let through: their range is the caller's responsibility.
+sync, so they are let through: their range is the caller's responsibility
+(their shape is checked: numeric arguments are scalars).
+
+Every failure names the argument: ``TypeError`` for a wrong kind (None,
+bool, str, list, non-scalar array, a traced static argument),
+``ValueError`` for a value out of range (NaN always; ``inf`` unless the
+check allows it: :func:`bound` is a clip bound, where ``inf`` means "never
+clip" as in optax and torch).
 """
 
 from __future__ import annotations
