@@ -42,7 +42,7 @@ def _bound_factor(t: jax.Array, threshold: Any, b2: float
   return jnp.sqrt(k2), jax.lax.rsqrt(b2 / k2 + (1.0 - b2))
 
 
-def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
+def spike_clip(threshold: float = 5000.0, decay: float = 0.999, *,
                axis_name: str | None = None) -> optax.GradientTransformation:
   """Spike-aware clipping of individual gradient entries (Huang et al., 2025,
   "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training").
@@ -91,14 +91,15 @@ def spike_clip(threshold: float = 5000.0, b2: float = 0.999, *,
 
   Args:
     threshold: theta > 0 (``inf``: never clip).
-    b2: EMA factor in [0, 1).
+    decay: the EMA's decay ``b2`` in [0, 1) (SPAM's beta2).
     axis_name: with leaves sharded over this ``shard_map``/``pmap`` axis,
       ``clipped``/``max_excess`` are taken over all shards (the clipping
       itself is elementwise and needs no communication).
   """
   _checks.bound("threshold", threshold, strict=True)
   _checks.axis_name("axis_name", axis_name)
-  _checks.in_range("b2", b2, 0.0, 1.0, hi_open=True)
+  _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
+  b2 = decay
 
   def init_fn(params):  # distinct, strongly typed buffers: no copy needed
     return SpikeClipState(step=jnp.zeros((), jnp.int32),

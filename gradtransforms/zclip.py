@@ -40,7 +40,7 @@ class ZClipState(NamedTuple):
   zscore: jax.Array
 
 
-def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
+def zclip(decay: float = 0.97, z_thresh: float = 2.5,
           max_grad_norm: float | None = 1.0, eps: float = 1e-6,
           warmup_steps: int = 25, mode: str = "zscore",
           clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
@@ -63,8 +63,8 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
 
   The effective bound is ``min(clip value if spike else n, max_grad_norm)``
   and the update is scaled by ``bound / (n + 1e-6)`` where ``n > bound``.
-  Then ``mu <- alpha mu + (1 - alpha) x``,
-  ``var <- alpha var + (1 - alpha) (x - mu)**2`` with ``x`` the clip value on
+  Then ``mu <- decay mu + (1 - decay) x``,
+  ``var <- decay var + (1 - decay) (x - mu)**2`` with ``x`` the clip value on
   a spike and ``n`` otherwise (skipped on a spike if
   ``skip_update_on_spike``).
 
@@ -81,7 +81,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   State: :class:`ZClipState`. Defaults are the reference's.
 
   Args:
-    alpha: EMA factor in [0, 1).
+    decay: the EMA's decay in [0, 1) (the reference's ``alpha``).
     z_thresh: z-score threshold, > 0 (``inf``: no spike is ever detected).
     max_grad_norm: absolute cap on the norm, or None (or ``inf``: no cap).
     eps: added to sigma in the z-score.
@@ -92,7 +92,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
     skip_update_on_spike: keep the statistics unchanged on a spike (a bool).
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
-  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
+  _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
   _checks.axis_name("axis_name", axis_name)
   _checks.positive("z_thresh", z_thresh, allow_inf=True)
   if max_grad_norm is not None:
@@ -152,7 +152,7 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
     ema_ok = ready & ok
     if skip_update_on_spike:
       ema_ok = ema_ok & ~spike
-    stats = _stats.ema_mean_var(_stats.MeanVar(state.mean, state.var), x, alpha,
+    stats = _stats.ema_mean_var(_stats.MeanVar(state.mean, state.var), x, decay,
                              ema_ok)
     mean = jnp.where(init_now, pop_mean, stats.mean)
     var = jnp.where(init_now, pop_var, stats.var)

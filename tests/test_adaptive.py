@@ -128,7 +128,8 @@ class ZClipRef:
 def test_zclip_matches_reference_step_for_step(kwargs):
   ref = ZClipRef(**kwargs)
   expect = np.asarray([ref.step(float(n)) for n in NORMS])
-  out, states = drive(gt.zclip(**kwargs), NORMS)
+  ours = {("decay" if k == "alpha" else k): v for k, v in kwargs.items()}
+  out, states = drive(gt.zclip(**ours), NORMS)
   np.testing.assert_allclose(out, expect, rtol=1e-4)
   np.testing.assert_allclose(states[-1].mean, ref.mean, rtol=1e-4)
   np.testing.assert_allclose(states[-1].var, ref.var, rtol=1e-3)
@@ -220,7 +221,7 @@ def spam_ref(seq, theta, b2):
 def test_spike_clip_matches_reference(theta, b2, steps):
   seq = [random_tree(200 + t) for t in range(steps)]
   seq[6]["conv"][0] = seq[6]["conv"][0].at[0, 0, 0, 0].set(1e4)  # one entry
-  tx = gt.spike_clip(threshold=theta, b2=b2)
+  tx = gt.spike_clip(threshold=theta, decay=b2)
   state, step, outs, figures = tx.init(seq[0]), jax.jit(tx.update), [], []
   for tree in seq:
     u, state = step(tree, state)
@@ -327,7 +328,7 @@ def test_adaptive_keep_dtype_and_structure_and_metrics(name):
     (lambda: gt.autoclip(history=0), "history"),
     (lambda: gt.zclip(mode="median"), "mode"),
     (lambda: gt.zclip(clip_option="max"), "clip_option"),
-    (lambda: gt.zclip(alpha=1.0), "alpha"),
+    (lambda: gt.zclip(decay=1.0), "decay"),
     (lambda: gt.zclip(z_thresh=0.0), "z_thresh"),
     (lambda: gt.adagc(decay=-0.1), "decay"),
     (lambda: gt.spike_clip(threshold=-1.0), "threshold"),

@@ -107,7 +107,7 @@ def test_readme_example_runs():
 def test_inject_hyperparams_with_static_and_string_arguments():
   p = {"a": jnp.ones(3)}
   tx = optax.inject_hyperparams(gt.zclip, static_args=("warmup_steps",))(
-      alpha=0.9, mode="percentile", max_grad_norm=None, warmup_steps=2)
+      decay=0.9, mode="percentile", max_grad_norm=None, warmup_steps=2)
   s = tx.init(p)
   for _ in range(3):
     _, s = jax.jit(tx.update)(p, s)

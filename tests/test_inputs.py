@@ -38,7 +38,7 @@ ARGS = [
     (gt.adaptive_grad_clip, "clipping", "bound", {}),
     (gt.adaptive_grad_clip, "eps", "nonnegative", {"clipping": 0.1}),
     (gt.adaptive_grad_clip, "axis", "axis", {"clipping": 0.1}),
-    (gt.zclip, "alpha", "unit", {}),
+    (gt.zclip, "decay", "unit", {}),
     (gt.zclip, "z_thresh", "bound+", {}),
     (gt.zclip, "max_grad_norm", "bound_or_none", {}),
     (gt.zclip, "eps", "nonnegative", {}),
@@ -54,7 +54,7 @@ ARGS = [
     (gt.quantile_clip, "initial_clip", "bound+", {}),
     (gt.quantile_clip, "axis_name", "axis_name", {}),
     (gt.spike_clip, "threshold", "bound+", {}),
-    (gt.spike_clip, "b2", "unit", {}),
+    (gt.spike_clip, "decay", "unit", {}),
     (gt.spike_clip, "axis_name", "axis_name", {}),
     (gt.per_example_clip, "l2_norm_clip", "bound", {}),
     (gt.per_example_clip, "axis_name", "axis_name", {"l2_norm_clip": 1.0}),
@@ -153,7 +153,7 @@ def test_infinite_bounds_never_clip():
     return u, out
   for tx in (gt.zclip(max_grad_norm=np.inf, warmup_steps=1, z_thresh=np.inf),
              gt.quantile_clip(initial_clip=np.inf),
-             gt.spike_clip(threshold=np.inf, b2=0.5)):
+             gt.spike_clip(threshold=np.inf, decay=0.5)):
     u, out = run(tx, small)
     chex.assert_trees_all_close(out, u, rtol=1e-6)
   agc = gt.adaptive_grad_clip(np.inf)
@@ -297,7 +297,7 @@ def test_counters_saturate():
     out, s = tx.update(jax.tree.map(lambda x: 50 * x, t), s)
   assert int(s.observed) == _MAX and bool(s.spike)  # still past warm-up
   # spike_clip: step wrapped negative and clipping stopped
-  tx = gt.spike_clip(threshold=4.0, b2=0.5)
+  tx = gt.spike_clip(threshold=4.0, decay=0.5)
   s = tx.init(t)
   _, s = tx.update(t, s)
   s = s._replace(step=big)

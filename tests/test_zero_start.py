@@ -150,7 +150,7 @@ def spam_fresh_ref(seq, theta, b2):
 
 def test_spike_clip_zero_entry_at_step_zero_hand_computed():
   # theta = 4, b2 = 0.9; an entry is 0 for steps 0-4, then 1, then 10.
-  tx = gt.spike_clip(threshold=4.0, b2=0.9)
+  tx = gt.spike_clip(threshold=4.0, decay=0.9)
   p = {"w": jnp.zeros((2,))}
   state, outs = tx.init(p), []
   for g in [[1.0, 0.0]] * 5 + [[1.0, 1.0], [1.0, 10.0]]:
@@ -169,7 +169,7 @@ def test_spike_clip_zero_leaf_at_start_matches_reference():
     seq[t]["emb"] = (jnp.zeros_like(seq[t]["emb"][0]),)
   seq[2]["dense"]["b"] = seq[2]["dense"]["b"].at[1].set(0.0)
   seq[7]["emb"] = (seq[7]["emb"][0].at[0, 0].set(1e3),)  # a real spike
-  tx = gt.spike_clip(threshold=50.0, b2=0.9)
+  tx = gt.spike_clip(threshold=50.0, decay=0.9)
   state, step, outs = tx.init(seq[0]), jax.jit(tx.update), []
   for tree in seq:
     u, state = step(tree, state)
@@ -187,7 +187,7 @@ def test_spike_clip_long_zero_stretch_then_normal_gradients():
   # before the fix the bound sqrt(theta * 0) froze every entry at 0.
   t = random_tree(5)
   zero = jax.tree.map(jnp.zeros_like, t)
-  tx = gt.spike_clip(threshold=50.0, b2=0.9)
+  tx = gt.spike_clip(threshold=50.0, decay=0.9)
 
   @jax.jit
   def run(state):
