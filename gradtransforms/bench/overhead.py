@@ -219,6 +219,8 @@ def _rows(names, make_runner, rounds, warmup, info, progress,
       runners[name], ref, notes[name] = _runner_for(name, make_runner, layer_axes)
       if ref is not None:
         runners["optax:" + name] = ref
+      if layer_axes is not None and notes[name] == layer_axes:  # also per leaf
+        runners["per_leaf:" + name] = make_runner(build(name, optax.adam(1e-3))[0])
     times = _time(runners, rounds, warmup)
     base = times["adam"]
     for name in chunk:
@@ -241,6 +243,8 @@ def _rows(names, make_runner, rounds, warmup, info, progress,
         row["optax_vs_adam"] = float(np.median(ref_t / base))
         row["vs_optax"] = float(np.median(times[name] / ref_t))
         row["optax_kernels"] = runners["optax:" + name].kernels
+      if "per_leaf:" + name in times:  # the same transform without layer_axes
+        row["per_leaf_vs_adam"] = float(np.median(times["per_leaf:" + name] / base))
       rows.append(row)
     progress.done()
     del runners
@@ -336,7 +340,9 @@ def to_markdown(rows: list[dict], info: dict) -> str:
                  f"{r['faults']:.0f} ({r['adam_faults']:.0f})",
                  f"{r['compile_s']:.2f} ({r['adam_compile_s']:.2f})",
                  r.get("layer_axes") if isinstance(r.get("layer_axes"), str)
-                 else ("layer_axes=0" if r.get("layer_axes") == 0 else "")))
+                 else ("layer_axes=0" if r.get("layer_axes") == 0 else "") +
+                 (f" (per leaf: {r['per_leaf_vs_adam']:.3f})"
+                  if "per_leaf_vs_adam" in r else "")))
   return text + tables.markdown(HEADER, body, align="llrrrrrrrrrl")
 
 
