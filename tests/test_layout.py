@@ -324,3 +324,16 @@ def test_diagnose_refuses_empty_or_mismatched_input():
     gt.diagnose(hist, loss=[1.0, 2.0])
   with pytest.raises(ValueError, match="global-norm"):
     gt.diagnose([{"something/else": 1.0}])
+
+
+def test_diagnose_names_the_layer_slice_that_went_non_finite_first():
+  tx = gt.monitor(per_leaf=True, layer_axes=AXES)
+  state, step, history = tx.init(stacked(0)), jax.jit(tx.update), []
+  for i, g in enumerate(SEQ):
+    if i >= 5:  # layer 3 of the stacked blocks blows up at step 5
+      g = {**g, "blocks": {**g["blocks"], "w": g["blocks"]["w"].at[3].set(jnp.inf)}}
+    _, state = step(g, state)
+    history.append(gt.metrics(state, per_leaf=True))
+  d = gt.diagnose(history)
+  assert d.first_nonfinite_step == 5
+  assert d.first_nonfinite_layers == ["blocks/w[3]"]
