@@ -48,6 +48,14 @@ class PerLeaf:
   def replace(self, values: Any) -> "PerLeaf":
     return PerLeaf(values, self.names)
 
+  def sqrt(self) -> "PerLeaf":
+    """Norms from sums of squares (RMS from mean squares)."""
+    return PerLeaf(jnp.sqrt(self.values), self.names)
+
+  def count_below(self, level: Any = 1) -> jax.Array:
+    """How many entries are below ``level`` (scales: leaves clipped)."""
+    return jnp.sum(self.values < level, dtype=jnp.int32)
+
   def __repr__(self) -> str:
     return f"PerLeaf({self.values!r}, names=<{len(self.names)}>)"
 

@@ -31,11 +31,11 @@ class AdaGCState(NamedTuple):
 
   @property
   def norm(self) -> PerLeaf:
-    return self.sumsq.replace(jnp.sqrt(self.sumsq.values))
+    return self.sumsq.sqrt()
 
   @property
   def clipped(self) -> jax.Array:
-    return jnp.sum(self.scale.values < 1, dtype=jnp.int32)
+    return self.scale.count_below(1)
 
 
 def adagc(relative_threshold: float = 1.05, decay: float = 0.98,

@@ -54,7 +54,7 @@ class ClipByLeafNormState(NamedTuple):
 
   @property
   def norm(self) -> PerLeaf:
-    return self.sumsq.replace(jnp.sqrt(self.sumsq.values))
+    return self.sumsq.sqrt()
 
   @property
   def scale(self) -> PerLeaf:
@@ -62,7 +62,7 @@ class ClipByLeafNormState(NamedTuple):
 
   @property
   def clipped(self) -> jax.Array:
-    return jnp.sum(self.scale.values < 1, dtype=jnp.int32)
+    return self.scale.count_below(1)
 
 
 @register("clip_by_block_rms", ("rms", "scale", "clipped", "threshold"),
@@ -77,7 +77,7 @@ class ClipByBlockRMSState(NamedTuple):
 
   @property
   def rms(self) -> PerLeaf:
-    return self.meansq.replace(jnp.sqrt(self.meansq.values))
+    return self.meansq.sqrt()
 
   @property
   def scale(self) -> PerLeaf:
@@ -85,7 +85,7 @@ class ClipByBlockRMSState(NamedTuple):
 
   @property
   def clipped(self) -> jax.Array:
-    return jnp.sum(self.scale.values < 1, dtype=jnp.int32)
+    return self.scale.count_below(1)
 
 
 def _per_leaf_init(params, layer_axes, threshold, cls):

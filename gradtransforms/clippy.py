@@ -23,7 +23,7 @@ class ClippyState(NamedTuple):
 
   @property
   def clipped(self) -> jax.Array:
-    return jnp.sum(self.scale.values < 1, dtype=jnp.int32)
+    return self.scale.count_below(1)
 
   @property
   def min_scale(self) -> jax.Array:

@@ -47,7 +47,7 @@ class MonitorState(NamedTuple):
 
   @property
   def leaf_norm(self) -> PerLeaf:
-    return self.leaf_sumsq.replace(jnp.sqrt(self.leaf_sumsq.values))
+    return self.leaf_sumsq.sqrt()
 
   @property
   def update_ratio(self) -> PerLeaf:

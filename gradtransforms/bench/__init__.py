@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from pathlib import Path
+from typing import Callable
 
 BENCHMARKS: dict[str, str] = {
     "overhead": "gradtransforms.bench.overhead",
@@ -29,6 +31,18 @@ BENCHMARKS: dict[str, str] = {
 DEFAULT_OUT = "bench_results"
 """Where results go unless ``--out`` says otherwise (not committed; ``make
 bench`` passes ``--out benchmarks/results``)."""
+
+
+def write_results(out_dir: Path, stem: str, md: str, payload: dict,
+                  plot: Callable[[Path], None]) -> None:
+  """Writes ``<stem>.{md,json,png}`` into ``out_dir`` and says so."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  out = out_dir / stem
+  out.with_suffix(".md").write_text(md)
+  out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+  plot(out.with_suffix(".png"))
+  print(md)
+  print(f"wrote {out}.md, {out}.json, {out}.png")
 
 
 def load(name: str):

@@ -49,7 +49,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,  # noqa: E402
-                                  out_dir, positive_float, positive_int)
+                                  out_dir, positive_float, positive_int,
+                                  write_results)
 from gradtransforms.catalogue import CATALOGUE  # noqa: E402
 from gradtransforms.demo import tables  # noqa: E402
 from gradtransforms.demo.progress import Steps  # noqa: E402
@@ -506,15 +507,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                 args.warmup, k, progress)
     if not args.no_models:
       rows += measure_models(names, args.rounds, args.warmup, k, progress)
-  args.out.mkdir(parents=True, exist_ok=True)
-  out = args.out / stem(platform_name)
-  md = to_markdown(rows, info)
-  out.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows},
-                                                 indent=1))
-  out.with_suffix(".md").write_text(md)
-  plot(rows, out.with_suffix(".png"))
-  print(md)
-  print(f"wrote {out}.md, {out}.json, {out}.png")
+  write_results(args.out, stem(platform_name), to_markdown(rows, info),
+                {"machine": info, "rows": rows}, lambda path: plot(rows, path))
   return 0
 
 

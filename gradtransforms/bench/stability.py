@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,  # noqa: E402
-                                  out_dir, positive_int)
+                                  out_dir, positive_int, write_results)
 from gradtransforms.demo import tables  # noqa: E402
 from gradtransforms.demo.methods import METHODS, SCENARIOS, run, summarize  # noqa: E402
 from gradtransforms.demo.progress import Steps  # noqa: E402
@@ -177,15 +177,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     elapsed = progress.elapsed
   header = (f"Stability: {args.seeds} seeds x {args.steps} steps of "
             f"SGD+momentum per cell ({elapsed:.0f}s).")
-  md = to_markdown(rows, header)
-  args.out.mkdir(parents=True, exist_ok=True)
-  out = args.out / "stability"
-  out.with_suffix(".md").write_text(md)
-  out.with_suffix(".json").write_text(json.dumps(
-      {"seeds": args.seeds, "steps": args.steps, "rows": rows}, indent=1))
-  plot(rows, out.with_suffix(".png"))
-  print(md)
-  print(f"wrote {out}.md, {out}.json, {out}.png")
+  write_results(args.out, "stability", to_markdown(rows, header),
+                {"seeds": args.seeds, "steps": args.steps, "rows": rows},
+                lambda path: plot(rows, path))
   return 0
 
 
