@@ -49,11 +49,29 @@ def _find(tree: Any, prefix: tuple) -> Iterator[tuple[tuple, Any]]:
         yield from _find(getattr(state, field), prefix + path + (GetAttrKey(field),))
 
 
-def states(opt_state: Any) -> list[tuple[str, Any]]:
-  """``(key prefix, state)`` for every registered state in ``opt_state``."""
+def _root(opt_state: Any) -> Any:
   if hasattr(opt_state, "opt_state") and hasattr(opt_state, "model"):
     opt_state = opt_state.opt_state  # an nnx.Optimizer
-  found = list(_find(_layout.unwrap(opt_state), ()))
+  return _layout.unwrap(opt_state)
+
+
+def _injected(tree: Any) -> dict[int, dict[str, Any]]:
+  """``id(state) -> hyperparameters`` for registered states built by
+  ``optax.inject_hyperparams`` (their current, possibly scheduled, values)."""
+  is_inj = lambda x: (isinstance(x, tuple) and hasattr(x, "hyperparams") and
+                      hasattr(x, "inner_state"))  # optax's inject states
+  return {id(x.inner_state): dict(x.hyperparams)
+          for x in jax.tree.leaves(tree, is_leaf=is_inj)
+          if is_inj(x) and lookup(type(x.inner_state)) is not None}
+
+
+def states(opt_state: Any) -> list[tuple[str, Any]]:
+  """``(key prefix, state)`` for every registered state in ``opt_state``."""
+  return _states(_root(opt_state))
+
+
+def _states(tree: Any) -> list[tuple[str, Any]]:
+  found = list(_find(tree, ()))
   names = [info(type(s)).name for _, s in found]
   out = []
   for (path, state), name in zip(found, names):
@@ -80,14 +98,17 @@ def metrics(opt_state: Any, per_leaf: bool = False) -> dict[str, Any]:
 
   Returns:
     A dict sorted by key. Scalars are arrays (this also works inside
-    ``jit``); per-leaf entries read on the host are NumPy scalars.
+    ``jit``); per-leaf entries read on the host are NumPy scalars. A
+    transform built by ``optax.inject_hyperparams`` also reports its
+    hyperparameters' current values (``"clip_by_global_norm/max_norm"``).
 
   Raises:
     ValueError: ``opt_state`` holds no gradtransforms state.
   """
   if not isinstance(per_leaf, bool):
     raise TypeError(f"per_leaf must be a bool, got {per_leaf!r}")
-  found = states(opt_state)
+  tree = _root(opt_state)
+  found, injected = _states(tree), _injected(tree)
   if not found:
     raise ValueError("metrics: no gradtransforms state found in opt_state "
                      f"(type {type(opt_state).__name__}); pass the state of an "
@@ -103,6 +124,8 @@ def metrics(opt_state: Any, per_leaf: bool = False) -> dict[str, Any]:
             out[f"{name}/{fig}/{leaf}"] = v[i]
       else:
         out[f"{name}/{fig}"] = value
+    for hp, value in injected.get(id(state), {}).items():
+      out.setdefault(f"{name}/{hp}", value)  # an injected hyperparameter
   return dict(sorted(out.items()))
 
 

@@ -337,3 +337,16 @@ def test_diagnose_names_the_layer_slice_that_went_non_finite_first():
   d = gt.diagnose(history)
   assert d.first_nonfinite_step == 5
   assert d.first_nonfinite_layers == ["blocks/w[3]"]
+
+
+def test_injected_hyperparameters_are_in_the_metrics():
+  sched = optax.linear_schedule(2.0, 1.0, 4)
+  tx = optax.chain(optax.inject_hyperparams(gt.clip_by_global_norm)(max_norm=sched),
+                   optax.sgd(0.1))
+  p = {"a": jnp.ones(3)}
+  s = tx.init(p)
+  for _ in range(2):
+    _, s = jax.jit(tx.update)(p, s, p)
+  m = gt.metrics(s)
+  np.testing.assert_allclose(m["clip_by_global_norm/max_norm"], sched(1))
+  np.testing.assert_allclose(m["clip_by_global_norm/norm"], np.sqrt(3.0), rtol=1e-6)
