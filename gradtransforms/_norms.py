@@ -18,13 +18,15 @@ Every transform computes its norms and clip scales through this module:
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradtransforms import _layout
+from gradtransforms import _layout, _xla
 
 F32 = jnp.float32
 
@@ -38,7 +40,16 @@ def sumsq(x: jax.Array, axis: int | None = None) -> jax.Array:
   """Float32 sum of squares of ``x``: a scalar, or per slice along ``axis``
   (a layer axis) as a ``(x.shape[axis],)`` vector."""
   x = x.astype(acc_dtype(x))
-  return jnp.sum(x * x, axis=_layout.reduce_axes(x, axis)).astype(F32)
+  if axis is None:
+    return jnp.sum(x * x).astype(F32)
+  # As (before, L, after): a reshape, no copy. Reducing the original shape
+  # over several axes made XLA:CPU write x * x to a parameter-sized buffer.
+  shape = x.shape
+  before, after = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+  if before == 1:  # a leading layer axis: a plain row reduction
+    return jnp.sum(jnp.square(x.reshape(shape[axis], after)), axis=1).astype(F32)
+  x = x.reshape(before, shape[axis], after)
+  return jnp.sum(x * x, axis=(0, 2)).astype(F32)
 
 
 def _psum(x: Any, axis_name: str | None) -> Any:
@@ -52,7 +63,10 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   uses leaf ``i``'s own figure for its scale, inline, and stacks them only
   for its state (:func:`_layout.stack`): on GPU, slicing a stacked vector
   back per leaf costs a kernel per leaf."""
-  return _psum([sumsq(x, a) for x, a in zip(leaves, lay.axes)], axis_name)
+  parts = _psum([sumsq(x, a) for x, a in zip(leaves, lay.axes)], axis_name)
+  if any(a is not None for a in lay.axes):
+    parts = _xla.settle(parts)
+  return parts
 
 
 def norms(leaves: Sequence[jax.Array], axis_name: str | None = None
