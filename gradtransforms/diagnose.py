@@ -121,9 +121,16 @@ def _role_keys(role: str, keys: Sequence[str], per_leaf: bool = False
   plus ``"/<leaf>"`` for per-leaf figures), observers first."""
   pairs = sorted(_registry.with_role(role),
                  key=lambda p: p[0] not in _PREFERRED)
+  # An observer that records update ratios sits after the optimizer: its
+  # norms are the updates', so it comes last for the gradient's roles.
+  after = {k.partition("/")[0] for k in keys
+           if any(k.partition("/")[2].startswith(f + "/") and
+                  k.split("@")[0].split("/")[0] == n
+                  for n, f in _registry.with_role("update_ratio"))}
+  ordered = sorted(keys, key=lambda k: k.partition("/")[0] in after)
   out = []
   for name, fig in pairs:
-    for k in keys:
+    for k in ordered:
       head, _, rest = k.partition("/")
       if head.split("@")[0] != name:
         continue
@@ -330,16 +337,17 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
 
   # Depth profile: first weight layer against the last (read-out last).
   depth = factor = None
-  weights = sorted([n for n in names if _WEIGHT.search(n)] or names,
+  ratios = _per_leaf(s, "update_ratio")
+  layer_names = names or sorted(ratios, key=_natural)  # ratios alone: theirs
+  weights = sorted([n for n in layer_names if _WEIGHT.search(n)] or layer_names,
                    key=_depth_key)
-  if len(weights) >= 2:
+  if len(weights) >= 2 and names:
     depth = _median_ratio(leaves[weights[0]][:end], leaves[weights[-1]][:end])
     if depth is not None:
       factor = float(depth ** (1.0 / (len(weights) - 1)))
   recurrent = [n for n in names if _RECURRENT.search(n)]
 
   # Update-to-parameter ratios, first and last layer.
-  ratios = _per_leaf(s, "update_ratio")
   first_ur = last_ur = None
   if weights and weights[0] in ratios and weights[-1] in ratios:
     first_ur = _finite_median(ratios[weights[0]][:end])
@@ -394,7 +402,7 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     if sustained:
       causes.append(
           f"learning rate: the gradient norm grows exponentially "
-          f"(x{np.exp(growth):.2f} per step, doubling every {doubling:.0f} "
+          f"(x{np.exp(growth):.2f} per step, doubling every {doubling:.2g} "
           "steps); lower the learning rate or add warm-up")
     if init_outlier:
       causes.append(
