@@ -4,8 +4,9 @@ It tells three gradient regimes apart and names likely causes only from the
 figures that support them:
 
 - **exploding**: a non-finite gradient or loss, sustained exponential growth
-  of the norm, norm spikes, or a first norm far above the rest that sits in
-  the early layers. Only then are explosion causes (learning rate,
+  of the norm (over an order of magnitude), norm spikes (``SPIKE_FACTOR`` x
+  the recent median), or a first norm that far above the rest, sitting in
+  the early layers and not the first fit of a large initial loss. Only then are explosion causes (learning rate,
   initialisation scale, depth amplification, recurrence, bad batches) named.
 - **vanishing**: the early layers' gradient norms orders of magnitude below
   the last layers' (the depth profile), the early layers' update-to-parameter
@@ -353,10 +354,11 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     first_ur = _finite_median(ratios[weights[0]][:end])
     last_ur = _finite_median(ratios[weights[-1]][:end])
 
-  # Loss over the second half: median of the last 10% against the middle 10%.
+  # Loss over the second half: median of the last 20% of the steps against
+  # the 20% around the middle (wide windows: a batch loss is noisy).
   loss_change = None
   if loss_arr is not None and first_bad is None and steps >= 20:
-    w = max(steps // 10, 2)
+    w = max(steps // 5, 2)
     mid = np.median(loss_arr[steps // 2 - w // 2: steps // 2 + w - w // 2])
     last = np.median(loss_arr[-w:])
     if mid != 0:
@@ -367,15 +369,24 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
   spikes = _spikes(norm, end)
   sustained = (growth is not None and growth > 0.05
                and growth * (window - 1) >= np.log(10))
-  init_outlier = len(healthy) >= 5 and healthy[0] > 10 * np.median(healthy)
-  if init_outlier and len(weights) >= 2:
-    # A big first gradient is an init-scale sign only where it sits in the
-    # early layers: a shrinking profile puts it in the read-out (its first
-    # fit), as in a saturating net.
+  # A first norm far above the rest is a spike at step 0 (an init-scale
+  # sign) only past the spike factor: a first norm some 10x the median is
+  # the ordinary first fit of a large initial error.
+  init_outlier = (len(healthy) >= 5
+                  and healthy[0] > SPIKE_FACTOR * np.median(healthy))
+  if init_outlier and len(weights) >= 2 and names:
+    # And only where it sits in the early layers: a shrinking profile puts
+    # it in the read-out (its first fit), as in a saturating net.
     first = leaves[weights[0]][:end]
     ok = first[np.isfinite(first) & (first > 0)]
-    init_outlier = bool(len(ok) >= 5 and ok[0] > 10 * np.median(ok)
+    init_outlier = bool(len(ok) >= 5 and ok[0] > SPIKE_FACTOR * np.median(ok)
                         and (depth is None or depth >= VANISHING_RATIO))
+  if init_outlier and loss_arr is not None and len(healthy) >= 5:
+    # Nor where it is the first fit: a large first loss, and the norm falling
+    # from step 0 (an explosion's first updates make the norm rise).
+    fit = (loss_arr[0] > 2 * np.median(loss_arr[:end])
+           and np.max(healthy[1:4]) <= healthy[0])
+    init_outlier = not fit
   exploding = (first_bad is not None or sustained or bool(spikes)
                or init_outlier)
 
@@ -406,9 +417,10 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
           "steps); lower the learning rate or add warm-up")
     if init_outlier:
       causes.append(
-          f"initialisation scale: the first norm ({healthy[0]:.3g}) is "
-          f"{healthy[0] / np.median(healthy):.0f}x the run's median; use "
-          "He/Xavier init or a smaller init scale")
+          f"initialisation scale or early learning rate: the first norm "
+          f"({healthy[0]:.3g}) is {healthy[0] / np.median(healthy):.0f}x the "
+          "run's median, in the early layers too; use He/Xavier init or a "
+          "smaller init scale, warm-up, and clip from step 0")
     if depth is not None and depth > 10:
       causes.append(
           f"depth: gradients are amplified {depth:.3g}x from {weights[-1]} to "
@@ -527,7 +539,8 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
                  f"{window} healthy steps")
   if depth is not None:
     per = (f"; x{factor:.2g} per layer over {len(weights)} layers"
-           if factor is not None and len(weights) > 2 else "")
+           if factor is not None and len(weights) > 2 and not recurrent
+           else "")
     lines.append(f"- depth profile: ||{weights[0]}|| / ||{weights[-1]}|| = "
                  f"{depth:.3g} (median over healthy steps{per})")
   if first_ur is not None and last_ur is not None:

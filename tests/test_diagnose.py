@@ -216,6 +216,20 @@ def test_big_first_norm_is_init_scale_only_where_the_early_layers_carry_it(
     assert not _named(d, EXPLOSION_CAUSES) and "initialisation" not in d.report
 
 
+def test_big_first_norm_falling_with_a_big_first_loss_is_the_first_fit():
+  h = _profile_history(1.0, layers=2)
+  for k in h:
+    h[k][0] *= 50
+  big_first_loss = np.r_[2.0, np.full(79, 0.17)]
+  assert gt.diagnose(h).regime == "exploding"  # norms alone: a spike at 0
+  d = gt.diagnose(h, loss=big_first_loss)
+  assert d.regime == "healthy" and d.causes == [], d.report
+  for k in h:  # the first update makes the norm rise: an explosion
+    h[k][1] = 3 * h[k][0]
+  d = gt.diagnose(h, loss=big_first_loss)
+  assert d.regime == "exploding" and _named(d, ("initialisation scale",))
+
+
 def test_isolated_spike_is_a_bad_batch():
   norms = STEADY.copy()
   norms[50] *= 100
