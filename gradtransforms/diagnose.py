@@ -101,6 +101,7 @@ class Diagnosis:
   first_update_ratio: float | None = None  # median ||u||/||p||, first layer
   last_update_ratio: float | None = None
   loss_change: float | None = None  # relative, over the second half
+  dead_layers: list[str] = dataclasses.field(default_factory=list)
   clips: list[ClipFinding] = dataclasses.field(default_factory=list)
 
   def __str__(self) -> str:
@@ -347,6 +348,10 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     if depth is not None:
       factor = float(depth ** (1.0 / (len(weights) - 1)))
   recurrent = [n for n in names if _RECURRENT.search(n)]
+  # Layers whose gradient is exactly zero on 90% of the second half of the
+  # healthy steps: saturated (tanh/sigmoid) or dead (ReLU) units.
+  dead = [n for n in weights if end >= 4 and n in leaves
+          and np.mean(leaves[n][end // 2:end] == 0) >= 0.9]
 
   # Update-to-parameter ratios, first and last layer.
   first_ur = last_ur = None
@@ -369,11 +374,16 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
   spikes = _spikes(norm, end)
   sustained = (growth is not None and growth > 0.05
                and growth * (window - 1) >= np.log(10))
-  # A first norm far above the rest is a spike at step 0 (an init-scale
-  # sign) only past the spike factor: a first norm some 10x the median is
-  # the ordinary first fit of a large initial error.
-  init_outlier = (len(healthy) >= 5
-                  and healthy[0] > SPIKE_FACTOR * np.median(healthy))
+  # The first steps (too few before them for the spike rule): norms past
+  # the spike factor x the run's median that rose over 10x after step 0 are
+  # the first updates blowing up. A first norm far above the rest is an
+  # init-scale sign only past the spike factor (some 10x the median is the
+  # ordinary first fit of a large initial error), ...
+  big_start = (len(healthy) >= 5
+               and healthy[:4].max() > SPIKE_FACTOR * np.median(healthy))
+  early_rise = bool(big_start and healthy[1:4].max() > 10 * healthy[0])
+  init_outlier = bool(not early_rise and len(healthy) >= 5
+                      and healthy[0] > SPIKE_FACTOR * np.median(healthy))
   if init_outlier and len(weights) >= 2 and names:
     # And only where it sits in the early layers: a shrinking profile puts
     # it in the read-out (its first fit), as in a saturating net.
@@ -382,13 +392,11 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     init_outlier = bool(len(ok) >= 5 and ok[0] > SPIKE_FACTOR * np.median(ok)
                         and (depth is None or depth >= VANISHING_RATIO))
   if init_outlier and loss_arr is not None and len(healthy) >= 5:
-    # Nor where it is the first fit: a large first loss, and the norm falling
-    # from step 0 (an explosion's first updates make the norm rise).
-    fit = (loss_arr[0] > 2 * np.median(loss_arr[:end])
-           and np.max(healthy[1:4]) <= healthy[0])
-    init_outlier = not fit
+    # ... nor where it is the first fit of a large first loss (the norm did
+    # not rise tenfold after it: the first updates did not blow up).
+    init_outlier = not loss_arr[0] > 2 * np.median(loss_arr[:end])
   exploding = (first_bad is not None or sustained or bool(spikes)
-               or init_outlier)
+               or init_outlier or early_rise)
 
   causes: list[str] = []
   remedies: list[str] = []
@@ -404,6 +412,10 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
                       "recent median")
     if init_outlier:
       evidence.append("first norm far above the rest")
+    if early_rise:
+      k = int(np.argmax(healthy[1:4])) + 1
+      evidence.append(f"norm rose from {healthy[0]:.3g} to {healthy[k]:.3g} "
+                      f"at step {k}")
     if first_bad is not None and first_bad < 5:
       causes.append(
           f"initialisation scale or learning rate: non-finite after only "
@@ -421,12 +433,19 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
           f"({healthy[0]:.3g}) is {healthy[0] / np.median(healthy):.0f}x the "
           "run's median, in the early layers too; use He/Xavier init or a "
           "smaller init scale, warm-up, and clip from step 0")
+    if early_rise:
+      causes.append(
+          f"initialisation scale or early learning rate: the norm rose "
+          f"x{healthy[k] / healthy[0]:.3g} over the first {k} step(s), to "
+          f"{healthy[k] / np.median(healthy):.0f}x the run's median: the first "
+          "updates were too large for the initial weights; use warm-up or a "
+          "smaller learning rate, He/Xavier init, and clip from step 0")
     if depth is not None and depth > 10:
       causes.append(
           f"depth: gradients are amplified {depth:.3g}x from {weights[-1]} to "
           f"{weights[0]}; add normalisation, residual connections or "
           "better-scaled init")
-    if recurrent and (first_bad is not None or sustained or
+    if recurrent and (first_bad is not None or sustained or early_rise or
                       (depth is not None and depth > 10)):
       causes.append(
           f"recurrence: recurrent weights ({', '.join(recurrent[:3])}) multiply "
@@ -488,6 +507,13 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
       regime = "healthy"
 
   clips = _clips(s, end, norm)
+  # How far the pre-clip norm fell over the run (first against last 10%):
+  # a clip acting on norms that fall by orders of magnitude may be holding
+  # back an explosion rather than starving healthy training.
+  fell = None
+  if len(healthy) >= 10:
+    w10 = max(len(healthy) // 10, 1)
+    fell = float(np.median(healthy[:w10]) / np.median(healthy[-w10:]))
   clip_lines = []
   for c in clips:
     thr = f" (threshold {c.threshold:.3g})" if c.threshold is not None else ""
@@ -496,6 +522,11 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
       if c.adaptive:
         fix = ("loosen it (a higher percentile for gt.autoclip, a higher z "
                "for gt.zclip)")
+      elif fell is not None and fell > 10:
+        fix = (f"but the pre-clip norm fell {fell:.3g}x over the run, so the "
+               "clip may be holding back an explosion (init scale, depth): "
+               "fix that first, then set the threshold from the settled norms "
+               "or use an adaptive clip (gt.zclip(), gt.autoclip())")
       else:
         fix = (f"use gt.clip_by_global_norm({suggested:.3g}) (90th percentile "
                "of the pre-clip norms) " if suggested is not None else "") + (
@@ -543,6 +574,11 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
            else "")
     lines.append(f"- depth profile: ||{weights[0]}|| / ||{weights[-1]}|| = "
                  f"{depth:.3g} (median over healthy steps{per})")
+  if dead:
+    lines.append(f"- zero gradient over the second half in {', '.join(dead[:4])}"
+                 + (f" and {len(dead) - 4} more" if len(dead) > 4 else "")
+                 + ": saturated (tanh/sigmoid) or dead (ReLU) units; these "
+                 "layers no longer learn")
   if first_ur is not None and last_ur is not None:
     lines.append(f"- update/param ratio: {first_ur:.2g} in {weights[0]}, "
                  f"{last_ur:.2g} in {weights[-1]} (usual: 1e-4 to 1e-2)")
@@ -568,4 +604,4 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
                    evidence=evidence, remedies=remedies, layer_factor=factor,
                    spike_steps=spikes, first_update_ratio=first_ur,
                    last_update_ratio=last_ur, loss_change=loss_change,
-                   clips=clips)
+                   dead_layers=dead, clips=clips)

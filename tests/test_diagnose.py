@@ -224,10 +224,14 @@ def test_big_first_norm_falling_with_a_big_first_loss_is_the_first_fit():
   assert gt.diagnose(h).regime == "exploding"  # norms alone: a spike at 0
   d = gt.diagnose(h, loss=big_first_loss)
   assert d.regime == "healthy" and d.causes == [], d.report
-  for k in h:  # the first update makes the norm rise: an explosion
-    h[k][1] = 3 * h[k][0]
+  for k in h:  # the first update makes the norm rise tenfold: an explosion
+    h[k][1] = 30 * h[k][0]
   d = gt.diagnose(h, loss=big_first_loss)
   assert d.regime == "exploding" and _named(d, ("initialisation scale",))
+  assert "rose x30" in d.causes[0]
+  for k in h:  # a mere doubling at step 1 after a big first fit: healthy
+    h[k][1] = 2 * h[k][0]
+  assert gt.diagnose(h, loss=big_first_loss).regime == "healthy"
 
 
 def test_isolated_spike_is_a_bad_batch():
@@ -278,6 +282,14 @@ def test_clip_findings_fixed_adaptive_and_per_leaf():
   assert c.median_scale == pytest.approx(expected) and not c.adaptive
   assert c.threshold == pytest.approx(0.1)
   assert f"~{expected:.2g} of the nominal" in d.causes[0]
+  # The same clip on norms falling 100x: maybe holding back an explosion,
+  # so no threshold from those norms.
+  falling = np.geomspace(100.0, 1.0, n) * STEADY
+  d = gt.diagnose({"monitor/norm": falling, "clip_by_global_norm/norm": falling,
+                   "clip_by_global_norm/scale": np.minimum(1, 0.1 / falling)})
+  assert d.clips[0].verdict == "over-tight" and d.regime == "healthy"
+  assert "holding back an explosion" in d.causes[0]
+  assert "gt.clip_by_global_norm(" not in d.causes[0]
   # An adaptive threshold (autoclip) tight on every step: loosen it.
   thr = 0.2 * STEADY[::-1]
   d = gt.diagnose({"autoclip/norm": STEADY, "autoclip/threshold": thr,

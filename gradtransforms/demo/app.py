@@ -36,13 +36,14 @@ def profile(history: dict, frac: float = 0.1
             ) -> tuple[list[str], np.ndarray, np.ndarray] | None:
   """``(layers, early, late)``: each weight layer's median gradient norm
   over the first and the last ``frac`` of the finite steps, input to
-  output (read-out last); None when no per-layer norm was recorded."""
+  output (read-out last); None when no per-layer norm was recorded or
+  fewer than 10 steps were finite."""
   layers, norms = depth_profile(history)
   if not layers:
     return None
   ok = np.all(np.isfinite(norms), axis=1)
   norms = norms[ok] if ok.any() else norms[:0]
-  if len(norms) < 2:
+  if len(norms) < 10:
     return None
   w = max(int(len(norms) * frac), 1)
   return layers, np.median(norms[:w], axis=0), np.median(norms[-w:], axis=0)
@@ -64,25 +65,34 @@ def _plot_profile(ax, history: dict | None, which: str) -> None:
     return
   layers, early, late = p
   x = np.arange(len(layers))
-  ax.plot(x, early, "o-", color="#9ecae1", ms=3, lw=1.2)
-  ax.plot(x, late, "o-", color="#08519c", ms=3, lw=1.2)
+  for y, color in ((early, "#9ecae1"), (late, "#08519c")):  # log: 0 left out
+    ax.plot(x, np.where(y > 0, y, np.nan), "o-", color=color, ms=3, lw=1.2)
+  ax.set_yscale("log")
+  zero = [_short(n) for n, v in zip(layers, late) if v == 0]
+  if zero:
+    ax.text(0.02, 0.05, f"zero gradient: {', '.join(zero[:3])}",
+            transform=ax.transAxes, fontsize=7, color="#08519c")
   if len(layers) <= 5:
     ax.set_xticks(x, [_short(n) for n in layers], fontsize=7)
   else:
-    ax.set_xticks([0, len(layers) - 1], ["first", "read-out"], fontsize=7.5)
-  ax.text(0.02, 0.04, which, transform=ax.transAxes, fontsize=7, color="grey")
-  span = np.nanmax(late) / max(np.nanmin(late), 1e-300)
-  if np.isfinite(span) and span > 1e2:
-    ax.text(0.98, 0.04, f"{span:.0e}x", transform=ax.transAxes, ha="right",
-            fontsize=7.5, color="#08519c")
+    ax.set_xticks([0, len(layers) - 1], ["layer 0", f"read-out ({len(layers)})"],
+                  fontsize=7)
+  ax.set_xlim(-0.5, len(layers) - 0.5)
+  ax.text(0.02, 0.95, which, transform=ax.transAxes, fontsize=7, color="grey",
+          va="top")
+  ratio = late[0] / late[-1] if late[-1] > 0 else np.nan
+  if np.isfinite(ratio) and ratio > 0 and not 1e-1 < ratio < 1e1:
+    ax.text(0.98, 0.05, f"first/read-out: {ratio:.0e}", ha="right",
+            transform=ax.transAxes, fontsize=7, color="#08519c")
 
 
 def plot(histories: dict, path: Path) -> None:
   """Per scenario (one row each): gradient norm and loss over steps, and the
   per-layer gradient-norm profile (median norm of each weight layer, input
   to output, over the first and the last 10% of the steps, of the "none"
-  run or else the first one): a profile falling by orders of magnitude
-  towards the input is vanishing at a glance. One shared legend above the
+  run, or the first run with 10 finite steps where that diverged at once;
+  log scale): a profile falling by orders of magnitude towards the input is
+  vanishing at a glance. One shared legend above the
   panels; the unclipped baseline ("none") is a wide grey line under the
   others, and a diverged run ends in an X at its last finite value."""
   import matplotlib
@@ -96,8 +106,13 @@ def plot(histories: dict, path: Path) -> None:
       m: dict(color="#b0b0b0", lw=3.0, zorder=1) if m == "none" else
       dict(color=next(palette), lw=1.0, zorder=2) for m in methods}
   fig, axes = plt.subplots(len(scen), 3, figsize=(12, 1.9 * len(scen) + 0.8),
-                           squeeze=False, sharex="col", layout="constrained",
+                           squeeze=False, layout="constrained",
                            gridspec_kw={"width_ratios": [1, 1, 0.75]})
+  for i in range(1, len(scen)):  # steps shared down a column; layers not
+    for j in (0, 1):
+      axes[i, j].sharex(axes[0, j])
+  for ax in axes[:-1, :2].flat:
+    ax.tick_params(labelbottom=False)
   for i, sc in enumerate(scen):
     for m in methods:
       h = histories.get((sc, m))
@@ -112,10 +127,13 @@ def plot(histories: dict, path: Path) -> None:
           ax.plot(t, y[t], "X", color=style[m]["color"], ms=9, mec="black",
                   mew=0.7, zorder=3)
     axes[i, 0].set_ylabel(sc, fontsize=8.5)
-    which = "none" if (sc, "none") in histories else next(
-        m for s, m in histories if s == sc)
-    _plot_profile(axes[i, 2], histories.get((sc, which)), which)
-    for ax in axes[i, :2]:
+    # The baseline's profile, or (it diverged at once) the first run with one.
+    ran = [m for s, m in histories if s == sc]
+    ran.sort(key=lambda m: m != "none")
+    which = next((m for m in ran if profile(histories[(sc, m)]) is not None),
+                 ran[0])
+    _plot_profile(axes[i, 2], histories[(sc, which)], which)
+    for ax in axes[i]:
       ax.set_yscale("log")
       lo, hi = ax.get_ylim()
       if hi / lo < 20:  # under about a decade: label 2x and 5x ticks too
@@ -129,9 +147,6 @@ def plot(histories: dict, path: Path) -> None:
   axes[0, 1].set_title("loss", fontsize=9)
   axes[0, 2].set_title("gradient norm by layer (input to read-out)",
                        fontsize=9)
-  for i in range(len(scen)):
-    axes[i, 2].tick_params(which="both", labelsize=7.5)
-    axes[i, 2].yaxis.set_minor_formatter(NullFormatter())
   for ax in axes[-1, :2]:
     ax.set_xlabel("step", fontsize=8.5)
   axes[-1, 2].set_xlabel("layer", fontsize=8.5)
