@@ -555,7 +555,10 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
 
   lines = [f"Gradient diagnosis over {steps} steps ({norm_key}):"]
   headline = {"exploding": "EXPLODING", "vanishing": "VANISHING",
-              "healthy": "healthy (no explosion, no vanishing)"}[regime]
+              "healthy": "healthy gradients (no explosion, no vanishing)"
+              + (", but the clip below starves the steps"
+                 if any(c.verdict == "over-tight" for c in clips) else "")
+              }[regime]
   lines.append(f"- regime: {headline}" + (f" ({'; '.join(evidence)})"
                                            if evidence else ""))
   if first_bad is not None:
