@@ -17,8 +17,9 @@ from gradtransforms.bench import (BENCHMARKS, HelpFormatter, load,
 # The demo's names, for the help text; tests/test_cli.py checks they match
 # gradtransforms.demo.methods (which needs flax to import).
 DEMO_SCENARIOS = ("mlp16-init1.6", "mlp16-he", "mlp16-init1.6-layernorm",
-                  "mlp4-lr0.2", "mlp4-corrupt-batches", "rnn-T50-rho2",
-                  "lstm-T50")
+                  "mlp16-sigmoid", "mlp16-sigmoid-batchnorm", "mlp4-lr0.2",
+                  "mlp4-lr0.02", "mlp4-lr0.02-clip0.05", "mlp4-corrupt-batches",
+                  "rnn-T50-rho2", "lstm-T50", "rnn-T50-rho0.5")
 DEMO_METHODS = ("none", "clip_by_global_norm", "autoclip", "zclip", "adagc",
                 "guard", "clip_by_global_norm+guard")
 
@@ -37,11 +38,12 @@ def parser() -> argparse.ArgumentParser:
   sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
   demo = sub.add_parser(
       "demo", formatter_class=HelpFormatter,
-      help="compare clipping methods on scenarios that really explode "
-      "(a few minutes on 2 CPU cores)",
-      description="Trains every scenario with every method, prints a table "
-      "and the diagnosis of the first explosion, writes curves.png, "
-      "summary.md and summary.json.")
+      help="compare clipping methods on scenarios that really explode or "
+      "vanish (a few minutes on 2 CPU cores)",
+      description="Trains every scenario with its methods (every method, or "
+      "a few for the vanishing and over-tight-clip scenarios), prints a table "
+      "and the diagnosis of the first explosion, of the vanishing runs and of "
+      "the over-tight clip, writes curves.png, summary.md and summary.json.")
   demo.add_argument("--steps", type=positive_int, default=300,
                     help="training steps per run")
   demo.add_argument("--seed", type=nonnegative_int, default=0,
@@ -55,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
                     f"{', '.join(DEMO_SCENARIOS)}")
   demo.add_argument("--methods", nargs="+", choices=DEMO_METHODS,
                     default=None, metavar="NAME",
-                    help=f"methods to compare (default: all); choose from "
+                    help=f"methods to compare on every scenario (default: all, "
+                  "a few on the vanishing and clip scenarios); choose from "
                     f"{', '.join(DEMO_METHODS)}")
   bench = sub.add_parser(
       "bench", formatter_class=HelpFormatter,

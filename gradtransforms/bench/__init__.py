@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -55,7 +56,12 @@ def load(name: str):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
                     argparse.RawDescriptionHelpFormatter):
   """Shows defaults (except None: the help says what then happens), keeps
-  the description's line breaks."""
+  the description's line breaks, and never wraps a line inside a name at a
+  hyphen (``mlp4-corrupt-batches`` stays one word to copy)."""
+
+  def _split_lines(self, text, width):
+    text = " ".join(text.split())
+    return textwrap.wrap(text, width, break_on_hyphens=False)
 
   def _get_help_string(self, action):
     if action.default is None:

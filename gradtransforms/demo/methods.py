@@ -41,7 +41,34 @@ OLD_NAMES = {"global_norm(1)": "clip_by_global_norm",
              "global_norm+guard": "clip_by_global_norm+guard"}
 """Names used in results written before 0.2.0 -> today's names."""
 
-__all__ = ["METHODS", "OLD_NAMES", "SCENARIOS", "build", "run", "summarize"]
+FOCUS: dict[str, tuple[str, ...]] = {
+    "mlp16-sigmoid": ("none",),
+    "mlp16-sigmoid-batchnorm": ("none",),
+    "mlp4-lr0.02": ("none", "autoclip", "zclip"),
+    "mlp4-lr0.02-clip0.05": ("none",),
+    "rnn-T50-rho0.5": ("none",),
+}
+"""Scenario -> the methods run on it unless methods are named: the vanishing
+and over-tight-clip scenarios are about the model or the clip, not about
+comparing every method, so they run few (cheap) cells. Other scenarios run
+every method."""
+
+__all__ = ["FOCUS", "METHODS", "OLD_NAMES", "SCENARIOS", "build", "pairs",
+           "run", "summarize"]
+
+
+def pairs(scenarios: list[str] | None = None, methods: list[str] | None = None
+          ) -> list[tuple[str, str]]:
+  """The (scenario, method) cells to run, in order: every named scenario
+  (default: all) with every named method; with no methods named, each
+  scenario's :data:`FOCUS` (default: every method)."""
+  scenarios = list(scenarios or SCENARIOS)
+  for name, known in ((scenarios, SCENARIOS), (methods or [], METHODS)):
+    for n in name:
+      if n not in known:
+        raise ValueError(f"unknown name {n!r}; choose from {list(known)}")
+  return [(s, m) for s in scenarios
+          for m in (methods or FOCUS.get(s, tuple(METHODS)))]
 
 
 def build(method: str, opt: optax.GradientTransformation

@@ -23,8 +23,11 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
   ``step(carry, key) -> (carry, figures)`` with ``carry = (params, rest,
   opt_state)`` from ``nnx.split(model, nnx.Param, ...)``. ``tx`` is chained
   behind a :func:`gradtransforms.monitor` so that every run records the raw
-  gradient norm (and per-leaf norms); ``figures`` is the loss plus every scalar of
-  ``gt.metrics(opt_state)``. The loss reaches ``tx`` as ``value=loss``.
+  gradient norm and per-leaf norms; ``figures`` is the loss plus every scalar
+  of ``gt.metrics(opt_state, per_leaf=True)``, per-leaf figures included
+  (``"monitor/leaf_norm/<leaf>"``: the depth profile ``gt.diagnose`` reads
+  for vanishing gradients; one scalar per leaf and step). The loss reaches
+  ``tx`` as ``value=loss``.
   """
   batch_size = _checks.integer("batch_size", batch_size, minimum=1)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -43,7 +46,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation,
     (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params, value=loss)
     params = optax.apply_updates(params, updates)
-    figs = {k: v for k, v in metrics(opt_state).items() if jnp.ndim(v) == 0}
+    figs = {k: v for k, v in metrics(opt_state, per_leaf=True).items() if jnp.ndim(v) == 0}
     figs["loss"] = loss
     return (params, rest, opt_state), figs
 
