@@ -666,7 +666,8 @@ def sweep_table(rows: list[dict], rates) -> str:
 def fault_table(faults: list[dict]) -> str:
   out = ["| method | fault | acted at fault | loss at fault (nats) | recovery (steps) | "
          "final bits/byte (clean) | skipped after (clean run) | NaN in params / "
-         "state | blamed |", "|---|---|---|---:|---:|---:|---:|---|---|"]
+         "state | blamed by the method | layer by per-layer norms |",
+         "|---|---|---|---:|---:|---:|---:|---|---|---:|"]
   for f in faults:
     rec = "never" if f["recovery_steps"] is None else str(f["recovery_steps"])
     nan = (("no" if f["params_finite"] else "**yes**") + " / " +
@@ -676,7 +677,8 @@ def fault_table(faults: list[dict]) -> str:
         f"| {f['method']} | {f['fault']} | {'yes' if f['acted_at_fault'] else 'no'}"
         f" | {_f(f['loss_at_fault'], '.2f')} | {rec} | {_f(f['final_bpb'])} "
         f"({_f(f['clean_final_bpb'])}) | {f['skipped_after']} "
-        f"({f['clean_skipped_after']}) | {nan} | {blamed} |")
+        f"({f['clean_skipped_after']}) | {nan} | {blamed} | "
+        f"{f['layer_by_per_layer_norms']} |")
   return "\n".join(out)
 
 
@@ -729,8 +731,10 @@ def markdown(res: dict, rows: list[dict], elapsed: float) -> str:
       f"byte {REPEATED_BYTE} repeated. Recovery: steps until the 10-step "
       "trailing mean of the training loss is within 1% of the clean run's and "
       "stays there; skipped after: steps the method skipped or clipped after "
-      "the fault (in the clean run over the same steps). Blamed: the leaf "
-      "`gt.culprits` names for gt.guard (a stacked leaf covers all layers).",
+      "the fault (in the clean run over the same steps). Blamed by the method: "
+      "the leaf `gt.culprits` names for gt.guard (a stacked leaf covers all "
+      "layers); layer by per-layer norms: the layer whose gradient norm grew "
+      "most at the fault step, from the benchmark's own per-layer record.",
       "", fault_table(res["faults"]), "",
       "## Step-time overhead", "", timing_table(res["timing"]), "",
       "## Baselines restated", "",
@@ -829,8 +833,9 @@ def plot_layers(res: dict, out: Path, method: str = "none") -> None:
   plt.close(fig)
 
 
-def to_json(res: dict, rows: list[dict]) -> dict:
+def to_json(res: dict, rows: list[dict], elapsed: float) -> dict:
   out = {k: v for k, v in res.items() if not k.startswith("_")}
+  out["elapsed_s"] = elapsed
   out["summary"] = [dict(r, by_lr={str(k): v for k, v in r["by_lr"].items()})
                     for r in rows]
   return out
@@ -846,7 +851,7 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   (out / "lm_stability.md").write_text(markdown(res, rows, elapsed))
   (out / "lm_stability.json").write_text(json.dumps(
-      to_json(res, rows), indent=1, default=float))
+      to_json(res, rows, elapsed), indent=1, default=float))
   plot(res, rows, out / "lm_stability.png")
   plot_layers(res, out / "lm_stability_layers.png")
   print(headline_table(rows))
