@@ -2,25 +2,44 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+DEMO   := $(VENV)/.installed-demo
+TEST   := $(VENV)/.installed-test
 
-.PHONY: demo test bench clean
+.PHONY: demo test typecheck docs bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+# `demo` installs the demo extra only; `test` everything the tests need.
+$(DEMO): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[demo]'
+	touch $@
+
+$(TEST): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(DEMO)
+
+demo: $(DEMO)
 	$(PY) -m gradtransforms demo
 
-test: $(STAMP)
+# The type check, then the suite (which also builds the API docs once and
+# fails on any pdoc warning: tests/test_packaging.py).
+test: $(TEST)
+	$(PY) -m mypy
 	$(PY) -m pytest
 
-bench: $(STAMP)
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/stability.py
+typecheck: $(TEST)
+	$(PY) -m mypy
+
+# API reference from the docstrings, into docs/api/ (not committed).
+docs: $(TEST)
+	$(PY) docs/build.py docs/api
+
+# The long runs (about 40 minutes on 2 cores): rewrite benchmarks/results/.
+bench: $(DEMO)
+	$(PY) -m gradtransforms bench overhead --stacked --out benchmarks/results
+	$(PY) -m gradtransforms bench stability --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info docs/api .mypy_cache

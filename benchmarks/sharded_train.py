@@ -1,96 +1,15 @@
 """Data-parallel training of a reference model with gradtransforms, sharded.
 
-The batch is split over a 1-D device mesh ("data"), parameters and optimizer
-state are replicated, and the step is one ``jax.jit``: XLA inserts the
-gradient all-reduce, so the clip and the guard see global gradients and
-every device takes the same decision, with no ``axis_name`` needed. (Inside
-``shard_map`` you would pass ``axis_name`` instead; see the README.)
-
-On a CPU-only machine it fakes 8 devices:
+A thin script over ``gradtransforms.bench.sharded_train`` (also
+``gradtransforms bench sharded_train``); ``--help`` lists the options.
 
     python benchmarks/sharded_train.py            # 8 host CPU devices
     python benchmarks/sharded_train.py --steps 200
-
-It then checks that the sharded run matches the same run on one device.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-if "jax" not in sys.modules and "--xla_force_host_platform_device_count" not in \
-    os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-
-import gradtransforms as gt  # noqa: E402
-from gradtransforms.models import DeepMLP  # noqa: E402
-from gradtransforms.tasks import corrupted, deep_regression  # noqa: E402
-
-
-def train(mesh: Mesh | None, steps: int, batch: int, seed: int = 0):
-  task = corrupted(deep_regression(16), prob=0.03, scale=100.0)
-  model = DeepMLP(4, 128, in_features=16, rngs=nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = gt.guard(optax.chain(gt.clip_by_global_norm(1.0), optax.adam(3e-3)),
-                on="spike", warmup_steps=10)
-  opt_state = tx.init(params)
-  if mesh is not None:
-    replicated = NamedSharding(mesh, P())
-    params, opt_state = jax.device_put((params, opt_state), replicated)
-    data = NamedSharding(mesh, P("data"))
-  else:
-    data = None
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    def loss_fn(p):
-      return task.loss(nnx.merge(graphdef, p)(x), y)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  losses = []
-  for i in range(steps):
-    x, y = task.sample(jax.random.PRNGKey(1000 + i), batch)
-    if data is not None:
-      x, y = jax.device_put((x, y), data)
-    params, opt_state, loss = step(params, opt_state, x, y)
-    losses.append(float(loss))
-  return np.asarray(losses), gt.metrics(opt_state)
-
-
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=150)
-  ap.add_argument("--batch", type=int, default=256)
-  args = ap.parse_args(argv)
-  devices = jax.devices()
-  if args.batch % len(devices):
-    ap.error(f"--batch must be a multiple of the {len(devices)} devices")
-  mesh = Mesh(np.asarray(devices), ("data",))
-  print(f"{len(devices)} {devices[0].platform} devices, batch {args.batch} "
-        f"({args.batch // len(devices)} per device)")
-  losses, m = train(mesh, args.steps, args.batch)
-  ref, ref_m = train(None, args.steps, args.batch)
-  every = max(args.steps // 6, 1)
-  for i in range(0, args.steps, every):
-    print(f"step {i:4d}  loss {losses[i]:.4f}  (one device: {ref[i]:.4f})")
-  print(f"guard skipped {int(m['guard/skipped'])} steps "
-        f"(one device: {int(ref_m['guard/skipped'])}); final loss "
-        f"{np.median(losses[-10:]):.4f}")
-  same = np.allclose(losses, ref, rtol=1e-3, atol=1e-5)
-  print("sharded == single device:", same)
-  return 0 if same else 1
-
+from gradtransforms.bench.sharded_train import main
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(prog="benchmarks/sharded_train.py"))

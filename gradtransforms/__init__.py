@@ -4,33 +4,29 @@ Every transform is a pure ``optax.GradientTransformation``; ``metrics(state)``
 reads every figure they keep.
 """
 
-from gradtransforms._metrics import leaf_names, metrics
+from gradtransforms._reading import culprits, leaf_names, metrics
 from gradtransforms.adagc import AdaGCState, adagc
 from gradtransforms.autoclip import AutoClipState, autoclip
 from gradtransforms.clippy import ClippyState, clippy
-from gradtransforms.detect import DetectSpikesState, culprits, detect_spikes
+from gradtransforms.agc import AdaptiveGradClipState, adaptive_grad_clip
+from gradtransforms.detect import DetectSpikesState, detect_spikes
 from gradtransforms.diagnose import Diagnosis, diagnose
 from gradtransforms.guard import GuardState, guard
 from gradtransforms.monitor import MonitorState, monitor
 from gradtransforms.per_example import PerExampleClipState, per_example_clip
 from gradtransforms.quantile import QuantileClipState, quantile_clip
-from gradtransforms.spam import (
-    MomentResetState,
-    SpikeClipState,
-    spike_clip,
-    with_moment_reset,
-)
-from gradtransforms.static import (
-    AdaptiveGradClipState,
+from gradtransforms.clipping import (
     ClipByBlockRMSState,
     ClipByGlobalNormState,
     ClipByLeafNormState,
-    adaptive_grad_clip,
+    ClipByValueState,
     clip_by_block_rms,
     clip_by_global_norm,
     clip_by_leaf_norm,
     clip_by_value,
 )
+from gradtransforms.moment_reset import MomentResetState, with_moment_reset
+from gradtransforms.spike_clip import SpikeClipState, spike_clip
 from gradtransforms.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
@@ -48,7 +44,7 @@ __all__ = [
     "metrics", "leaf_names",
     # states
     "AdaGCState", "AdaptiveGradClipState", "AutoClipState", "ClipByBlockRMSState",
-    "ClipByGlobalNormState", "ClipByLeafNormState", "ClippyState",
+    "ClipByGlobalNormState", "ClipByLeafNormState", "ClipByValueState", "ClippyState",
     "DetectSpikesState", "GuardState", "MomentResetState", "MonitorState",
     "PerExampleClipState", "QuantileClipState", "SpikeClipState", "ZClipState",
 ]

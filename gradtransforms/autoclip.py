@@ -9,18 +9,23 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _stats
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
-@register("autoclip", ("norm", "threshold", "clipped", "count"))
+@register("autoclip", ("norm", "threshold", "clipped", "observed"),
+          {"global_norm": "norm", "threshold": "threshold", "clipped": "clipped"})
 class AutoClipState(NamedTuple):
-  """``norms``: ring buffer of finite global norms; ``count``: how many seen.
+  """``norms``: ring buffer of the finite, non-zero global norms;
+  ``observed``: how many were recorded (saturates at 2**31 - 1).
 
-  ``norm``, ``threshold`` and ``clipped`` are the last step's figures.
+  ``norm``, ``threshold`` (``inf`` before the first observation) and
+  ``clipped`` are the last step's figures.
   """
   norms: jax.Array
-  count: jax.Array
+  observed: jax.Array
   norm: jax.Array
   threshold: jax.Array
   clipped: jax.Array
@@ -39,7 +44,12 @@ def autoclip(percentile: float = 10.0, history: int = 10_000, *,
   The percentile sorts the buffer each step, O(history log history), which
   is independent of the model size.
 
-  A non-finite norm is not recorded and its update passes unchanged.
+  Non-finite norms and zero norms are not observations: they are not
+  recorded (a zero gradient says nothing about the gradient scale, and a
+  stretch of zeros in the window would set the percentile to 0 and zero
+  every update until it slid out), and their update passes unchanged.
+  Before the first observation the threshold is ``inf`` (nothing clipped).
+  An empty tree has norm 0 and passes through.
 
   State: :class:`AutoClipState`. Defaults follow the paper's p = 10.
 
@@ -49,24 +59,28 @@ def autoclip(percentile: float = 10.0, history: int = 10_000, *,
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
   _checks.in_range("percentile", percentile, 0.0, 100.0)
+  _checks.axis_name("axis_name", axis_name)
   history = _checks.integer("history", history, minimum=1)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
-    return AutoClipState(jnp.zeros((history,), jnp.float32),
-                         jnp.zeros((), jnp.int32), z, z,
-                         jnp.zeros((), jnp.bool_))
+    return AutoClipState(norms=jnp.zeros((history,), jnp.float32),
+                         observed=jnp.zeros((), jnp.int32), norm=z,
+                         threshold=z, clipped=jnp.zeros((), jnp.bool_))
 
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
-    n = num.global_norm(updates, axis_name)
-    buf, count = num.ring_push(state.norms, state.count, n, jnp.isfinite(n))
-    threshold = num.percentile(buf, count, percentile)
-    s = num.clip_scale(n, threshold)
-    return num.scale_tree(updates, s), AutoClipState(buf, count, n, threshold,
-                                                     s < 1)
+    n = _norms.global_norm(updates, axis_name)
+    ok = jnp.isfinite(n) & (n > 0)
+    buf, observed = _stats.ring_push(state.norms, state.observed, n, ok)
+    threshold = jnp.where(observed > 0,
+                          _stats.percentile(buf, observed, percentile), jnp.inf)
+    s = _norms.clip_scale(n, threshold)
+    return _norms.scale_tree(updates, s), AutoClipState(
+        norms=buf, observed=observed, norm=n, threshold=threshold,
+        clipped=s < 1)
 
   return optax.GradientTransformation(init_fn, update_fn)

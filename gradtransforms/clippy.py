@@ -8,19 +8,31 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _checks, _layout, _norms, _xla
+from gradtransforms._layout import LayerAxes, PerLeaf
+from gradtransforms._registry import register
 
 
-@register("clippy", ("scale",))
+@register("clippy", ("scale", "clipped", "min_scale"),
+          {"clip_scale": "scale", "clipped": "clipped"})
 class ClippyState(NamedTuple):
-  """Per-leaf scale applied at the last step (1 = not clipped)."""
-  scale: optax.Updates
+  """Per-leaf (per layer slice) scale applied at the last step (1 = not
+  clipped), as one stacked vector; ``clipped`` (how many leaves were scaled
+  down) and ``min_scale`` are derived when read."""
+  scale: PerLeaf
+
+  @property
+  def clipped(self) -> jax.Array:
+    return self.scale.count_below(1)
+
+  @property
+  def min_scale(self) -> jax.Array:
+    return jnp.min(self.scale.values, initial=1.0)
 
 
 def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
-           axis_name: str | None = None) -> optax.GradientTransformation:
+           layer_axes: LayerAxes = None, axis_name: str | None = None
+           ) -> optax.GradientTransformation:
   """Clippy (Tang et al., 2023, "Improving Training Stability for Multitask
   Ranking Models in Recommender Systems").
 
@@ -28,57 +40,73 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
   ``u`` includes the learning rate) by ``relative_factor * |w| +
   absolute_factor``, with one scale per tensor so its direction is kept:
   ``sigma_i = min(1, min_j (relative_factor |w_ij| + absolute_factor) / |u_ij|)``,
-  ``u_i <- sigma_i * u_i``.
+  ``u_i <- sigma_i * u_i``. With ``layer_axes``, one scale per layer slice.
 
-  A tensor whose update has a non-finite entry passes unchanged.
+  A tensor (slice) whose update has a non-finite entry passes unchanged;
+  empty leaves have scale 1.
 
   Cost: the update must exist in memory before it can be scaled (its
   per-tensor maximum is needed first), so XLA writes one update-sized buffer
   that ``apply_updates`` then reads, where Adam alone fuses the update into
   the parameter write.
 
-  State: :class:`ClippyState`, per-leaf ``scale``.
+  State: :class:`ClippyState`, the per-leaf ``scale`` as one stacked vector.
 
   Args:
     relative_factor: lambda_rel >= 0.
     absolute_factor: lambda_abs > 0 (keeps zero weights movable).
+    layer_axes: stacked-layer axes, as in
+      :func:`gradtransforms.clip_by_leaf_norm`.
     axis_name: inside ``shard_map``/``pmap`` with leaves sharded over this
       axis, the per-tensor maximum is taken over it so all shards agree.
   """
   _checks.nonnegative("relative_factor", relative_factor)
   _checks.positive("absolute_factor", absolute_factor)
+  layer_axes = _layout.check_layer_axes(layer_axes)
+  traced = any(isinstance(v, jax.core.Tracer)
+               for v in (relative_factor, absolute_factor))
 
   # |u| / (rel |w| + abs) = (|u| / (|w| + abs / rel)) / rel; rel = 0 (or so
   # small that abs / rel overflows float32) bounds |u| by abs alone.
-  offset = absolute_factor / relative_factor if relative_factor else None
-  if offset is not None and offset > float(jnp.finfo(jnp.float32).max):
-    offset = None
+  offset = None
+  if not traced and relative_factor:
+    offset = absolute_factor / relative_factor
+    if offset > float(jnp.finfo(jnp.float32).max):
+      offset = None
 
-  @num.fresh_state
   def init_fn(params):
-    return ClippyState(jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
+    lay = _layout.layout(params, layer_axes)
+    return _xla.fresh(ClippyState(_layout.zeros(lay, fill=1.0)))
+
+  def ratio(u, w, axis):
+    """max |u| / (rel |w| + abs), with at most one scalar inside the
+    reduction where the factors are concrete: XLA:CPU materialises every
+    scalar broadcast a reduction contains as a leaf-sized buffer."""
+    acc = _norms.acc_dtype(u)
+    au = jnp.abs(u.astype(acc))
+    red = dict(axis=_layout.reduce_axes(u, axis), initial=0.0)
+    if traced:  # injected hyperparameters: the direct form
+      rel = jnp.asarray(relative_factor, acc)
+      r = jnp.max(au / (rel * jnp.abs(w.astype(acc)) + absolute_factor), **red)
+    elif offset is None:
+      r = jnp.max(au, **red) / absolute_factor
+    else:
+      r = jnp.max(au / (jnp.abs(w.astype(acc)) + offset), **red) / relative_factor
+    return r.astype(jnp.float32)
 
   def update_fn(updates, state, params=None):
-    del state
     _checks.needs_params("clippy", params)
     _checks.float_leaves("updates", updates)
-
-    def one(u, w):
-      # max |u| / (rel |w| + abs), written with at most one scalar inside the
-      # reduction: XLA:CPU materialises every scalar broadcast it contains as
-      # a leaf-sized buffer (one per distinct leaf shape).
-      acc = num.acc_dtype(u)
-      au = jnp.abs(u.astype(acc))
-      if offset is None:
-        ratio = jnp.max(au).astype(jnp.float32) / absolute_factor
-      else:
-        ratio = jnp.max(au / (jnp.abs(w.astype(acc)) + offset)
-                        ).astype(jnp.float32) / relative_factor
-      if axis_name is not None:
-        ratio = jax.lax.pmax(ratio, axis_name)
-      return jnp.where(jnp.isfinite(ratio) & (ratio > 1), 1.0 / ratio, 1.0)
-
-    scales = jax.tree.map(one, updates, params)
-    return num.scale_tree(updates, scales), ClippyState(scales)
+    leaves, treedef = jax.tree.flatten(updates)
+    lay = _layout.layout(updates, layer_axes)
+    _layout.check_names(lay, state.scale, "clippy")
+    w_leaves = treedef.flatten_up_to(params)
+    ratios = [ratio(u, w, a) for u, w, a in zip(leaves, w_leaves, lay.axes)]
+    if axis_name is not None:
+      ratios = jax.lax.pmax(ratios, axis_name)
+    scales = [jnp.where(jnp.isfinite(r) & (r > 1), 1.0 / r, 1.0) for r in ratios]
+    out = _norms.scale_parts(leaves, lay, scales)
+    return jax.tree.unflatten(treedef, out), ClippyState(
+        state.scale.replace(_layout.stack(scales)))
 
   return optax.GradientTransformation(init_fn, update_fn)

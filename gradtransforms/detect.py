@@ -2,137 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks
-from gradtransforms import _events
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import leaf_names, metrics, register
+from gradtransforms import _checks, _events, _spikes, _xla
+from gradtransforms._layout import LayerAxes
+from gradtransforms._spikes import DetectSpikesState
 
-_I32 = jnp.int32
-
-
-@register("detect_spikes", (
-    "step", "norm", "loss", "norm_zscore", "loss_zscore", "norm_spike",
-    "loss_spike", "nonfinite", "norm_spikes", "loss_spikes", "nonfinite_steps",
-    "culprit", "culprit_step", "first_nonfinite_step", "first_nonfinite_leaf",
-    "leaf_first_nonfinite"))
-class DetectSpikesState(NamedTuple):
-  """Detector state. Statistics: ``norm_stats`` (of log-norm), ``loss_stats``
-  and ``leaf_log_mean`` (per-leaf EMA of log-norm, in leaf order).
-
-  Figures: the last step's ``norm``, ``loss``, z-scores and flags; running
-  counts; ``culprit`` (leaf index, in ``gt.leaf_names(params)`` order, with
-  the largest log-norm growth over its running mean at the last spike or
-  non-finite step, -1 if none) and ``culprit_step``; the first step with a
-  non-finite gradient and its lowest-index non-finite leaf; and, per leaf,
-  the first step it went non-finite (-1: never).
-  """
-  step: jax.Array
-  norm_stats: num.SeriesStats
-  loss_stats: num.SeriesStats
-  leaf_log_mean: jax.Array
-  norm: jax.Array
-  loss: jax.Array
-  norm_zscore: jax.Array
-  loss_zscore: jax.Array
-  norm_spike: jax.Array
-  loss_spike: jax.Array
-  nonfinite: jax.Array
-  norm_spikes: jax.Array
-  loss_spikes: jax.Array
-  nonfinite_steps: jax.Array
-  culprit: jax.Array
-  culprit_step: jax.Array
-  first_nonfinite_step: jax.Array
-  first_nonfinite_leaf: jax.Array
-  leaf_first_nonfinite: optax.Updates
-
-
-@num.fresh_state
-def init_state(params: Any) -> DetectSpikesState:
-  n_leaves = len(jax.tree.leaves(params))
-  z, f, i, neg = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.bool_),
-                  jnp.zeros((), _I32), jnp.full((), -1, _I32))
-  return DetectSpikesState(
-      i, num.series_init(), num.series_init(), jnp.zeros((n_leaves,), jnp.float32), z,
-      jnp.full((), jnp.nan, jnp.float32), z, z, f, f, f, i, i, i, neg, neg, neg, neg,
-      jax.tree.map(lambda _: neg, params))
-
-
-def observe(state: DetectSpikesState, updates: Any, loss: Any, *,
-            z_thresh: Any, loss_z_thresh: Any, warmup_steps: int, alpha: Any,
-            axis_name: str | None) -> DetectSpikesState:
-  """One detection step (pure): the shared core of detect_spikes and guard."""
-  leaves, treedef = jax.tree.flatten(updates)
-  n, leaf_n = num.norms(leaves, axis_name)
-  finite = jnp.isfinite(n)
-  has_loss = loss is not None
-  norm_stats, norm_z, norm_spike = num.series_observe(
-      state.norm_stats, jnp.log(n), alpha, z_thresh, warmup_steps)
-  if not has_loss:
-    loss = jnp.full((), jnp.nan)
-    loss_stats, loss_z, loss_spike = state.loss_stats, jnp.zeros(()), False
-  else:
-    loss = jnp.asarray(loss, jnp.float32).reshape(())
-    loss_stats, loss_z, loss_spike = num.series_observe(
-        state.loss_stats, loss, alpha, loss_z_thresh, warmup_steps)
-  loss_spike = jnp.asarray(loss_spike)
-  nonfinite = ~finite | ~jnp.isfinite(loss) if has_loss else ~finite
-
-  # Layer attribution: growth of each leaf's log-norm over its running mean.
-  log_leaf = jnp.log(leaf_n)
-  seen = state.norm_stats.count > 0
-  growth = jnp.where(jnp.isfinite(log_leaf), log_leaf - state.leaf_log_mean,
-                     jnp.inf)
-  event = norm_spike | nonfinite
-  culprit = jnp.where(event & seen, jnp.argmax(growth).astype(_I32),
-                      state.culprit)
-  culprit_step = jnp.where(event & seen, state.step, state.culprit_step)
-  a = num.warm_alpha(alpha, state.norm_stats.count)
-  leaf_ok = jnp.isfinite(log_leaf) & ~norm_spike
-  leaf_log_mean = jnp.where(leaf_ok, a * state.leaf_log_mean + (1 - a) * log_leaf,
-                            state.leaf_log_mean)
-
-  bad_leaf = ~jnp.isfinite(leaf_n)
-  first_leaf_list = [jnp.where(b & (f < 0), state.step, f) for b, f in zip(
-      bad_leaf, jax.tree.leaves(state.leaf_first_nonfinite))]
-  first_now = ~finite & (state.first_nonfinite_step < 0)
-  first_step = jnp.where(first_now, state.step, state.first_nonfinite_step)
-  first_leaf = jnp.where(first_now, jnp.argmax(bad_leaf).astype(_I32),
-                         state.first_nonfinite_leaf)
-  as_i = lambda x: jnp.asarray(x).astype(_I32)
-  return DetectSpikesState(
-      state.step + 1, norm_stats, loss_stats, leaf_log_mean, n, loss, norm_z,
-      loss_z, norm_spike, loss_spike, nonfinite,
-      state.norm_spikes + as_i(norm_spike), state.loss_spikes + as_i(loss_spike),
-      state.nonfinite_steps + as_i(nonfinite), culprit, culprit_step,
-      first_step, first_leaf, jax.tree.unflatten(treedef, first_leaf_list))
-
-
-def spike_rule(z_thresh, warmup_steps, alpha, loss_z_thresh, axis_name
-               ) -> dict[str, Any]:
-  """Validates the spike rule's arguments; returns :func:`observe`'s kwargs."""
-  _checks.positive("z_thresh", z_thresh)
-  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
-  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
-  loss_z_thresh = z_thresh if loss_z_thresh is None else loss_z_thresh
-  _checks.positive("loss_z_thresh", loss_z_thresh)
-  return dict(z_thresh=z_thresh, loss_z_thresh=loss_z_thresh,
-              warmup_steps=warmup_steps, alpha=alpha, axis_name=axis_name)
-
-
-def event_figures(state: DetectSpikesState) -> dict[str, jax.Array]:
-  return {k.split("/", 1)[1]: v for k, v in metrics(state).items()
-          if "leaf_first_nonfinite" not in k}
+__all__ = ["DetectSpikesState", "detect_spikes"]
 
 
 def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
-                  alpha: float = 0.98, loss_z_thresh: float | None = None, *,
+                  decay: float = 0.98, loss_z_thresh: float | None = None, *,
+                  layer_axes: LayerAxes = None,
                   on_event: Callable[[dict], Any] | None = None,
                   axis_name: str | None = None
                   ) -> optax.GradientTransformationExtraArgs:
@@ -142,56 +25,48 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
   are multiplicative), loss spikes on the loss given as the extra argument
   ``value=loss`` (``tx.update(g, state, params, value=loss)``, as
   ``optax.contrib.reduce_on_plateau``). Each series keeps an EMA mean and
-  variance (factor ``alpha``); ``z = (x - mean) / (std + 1e-6)``, and a spike
-  is ``z > z_thresh`` once ``warmup_steps`` finite values were seen.
+  variance (decay ``decay``, the first steps an exact running mean);
+  ``z = (x - mean) / (std + 1e-6)`` (0 during warm-up), and a spike is
+  ``z > z_thresh`` once ``warmup_steps`` finite values were seen.
   NaN-proof: a non-finite gradient norm or loss sets ``nonfinite`` and never
-  enters the statistics,
-  and a spike enters them clamped to ``mean + z_thresh * std``.
+  enters the statistics; a spike enters them clamped to
+  ``mean + z_thresh * std``; a zero gradient is not an observation.
 
   Layer attribution: at a norm spike or non-finite step, ``culprit`` is the
-  leaf whose ``log ||g_i||`` rose most over its own running mean
-  (non-finite leaves first); names via :func:`culprits`.
+  leaf (with ``layer_axes``: the layer slice) whose ``log ||g_i||`` rose
+  most over its own running mean (non-finite ones first, zero or empty
+  leaves never); names via :func:`gradtransforms.culprits`.
 
-  State: :class:`DetectSpikesState`.
+  State: :class:`DetectSpikesState` (its array count does not depend on
+  the number of leaves).
 
   Args:
     z_thresh: z-score of ``log ||g||`` that counts as a spike, > 0.
     warmup_steps: finite steps before spikes are flagged (static), >= 1.
-    alpha: EMA factor in [0, 1). 0.98 ~ a 50-step window.
+    decay: EMA decay in [0, 1). 0.98 ~ a 50-step window.
     loss_z_thresh: z-score of the loss that counts as a spike; default
       ``z_thresh``.
+    layer_axes: stacked-layer axes, as in
+      :func:`gradtransforms.clip_by_leaf_norm`: statistics and attribution
+      per layer slice.
     on_event: optional host hook, called through ``jax.debug.callback`` with
-      the figures (numpy) on steps with a spike or non-finite value. Off
-      (None) by default: nothing is traced then.
+      the figures (numpy; ``culprit`` as a leaf name) on steps with a spike
+      or non-finite value. Off (None) by default: nothing is traced then.
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
-  rule = spike_rule(z_thresh, warmup_steps, alpha, loss_z_thresh, axis_name)
+  kw = _spikes.rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name,
+                    layer_axes)
   _events.check_hook(on_event)
+
+  def init_fn(params):
+    return _spikes.init_state(params, kw["layer_axes"])
 
   def update_fn(updates, state, params=None, **extra):
     del params
     _checks.float_leaves("updates", updates)
-    new = observe(state, updates, extra.get("value"), **rule)
+    new = _spikes.observe(state, updates, extra.get("value"), **kw)
     _events.emit(on_event, new.norm_spike | new.loss_spike | new.nonfinite,
-                 event_figures(new))
-    return num.detach(updates, new)
+                 _spikes.event_figures(new), new.leaf_log_mean.names)
+    return _xla.detach(updates, new)
 
-  return optax.GradientTransformationExtraArgs(init_state, update_fn)
-
-
-def culprits(opt_state: Any, params: Any) -> dict[str, Any]:
-  """Host-side names for the layer attribution of every detector in a state.
-
-  Returns ``{"<key>/culprit": leaf name or None, "<key>/culprit_step": int,
-  "<key>/first_nonfinite_leaf": name or None, "<key>/first_nonfinite_step":
-  int}`` for each ``detect_spikes`` (also inside ``guard``) in ``opt_state``.
-  """
-  names = leaf_names(params)
-  out = {}
-  for key, value in metrics(opt_state).items():
-    if key.endswith("/culprit") or key.endswith("/first_nonfinite_leaf"):
-      i = int(value)
-      out[key] = names[i] if 0 <= i < len(names) else None
-    elif key.endswith("/culprit_step") or key.endswith("/first_nonfinite_step"):
-      out[key] = int(value)
-  return out
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

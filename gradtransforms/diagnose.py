@@ -8,9 +8,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-_NORM_KEYS = ("monitor/norm", "detect_spikes/norm", "clip_by_global_norm/norm",
-              "zclip/norm", "autoclip/norm", "quantile_clip/norm")
-_LEAF_PREFIXES = ("monitor/leaf_norm/", "clip_by_leaf_norm/norm/", "adagc/norm/")
+from gradtransforms import _registry
+
+_PREFERRED = ("monitor", "detect_spikes")  # pure observers first
 _WEIGHT = re.compile(r"(kernel|weight|(^|/)w[^/]*)$")
 _RECURRENT = re.compile(r"(recur|rnn|lstm|gru|hh|hidden|cell)", re.I)
 
@@ -36,6 +36,25 @@ class Diagnosis:
 
 def _natural(s: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _role_keys(role: str, keys: Sequence[str], per_leaf: bool = False
+               ) -> list[str]:
+  """Keys of ``keys`` that hold ``role`` (``"<name>[@where]/<figure>"``,
+  plus ``"/<leaf>"`` for per-leaf figures), observers first."""
+  pairs = sorted(_registry.with_role(role),
+                 key=lambda p: p[0] not in _PREFERRED)
+  out = []
+  for name, fig in pairs:
+    for k in keys:
+      head, _, rest = k.partition("/")
+      if head.split("@")[0] != name:
+        continue
+      if per_leaf and rest.startswith(fig + "/"):
+        out.append(k)
+      elif not per_leaf and rest == fig:
+        out.append(k)
+  return out
 
 
 def _series(history: Any) -> dict[str, np.ndarray]:
@@ -67,20 +86,31 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     a report naming likely causes: learning rate, initialisation scale,
     depth, recurrence.
   """
+  if not isinstance(history, Mapping) and not len(list(history)):
+    raise ValueError("diagnose: history is empty; record gt.metrics(state, "
+                     "per_leaf=True) once per step")
   s = _series(history)
-  norm_key = next((k for k in _NORM_KEYS if k in s), None)
-  if norm_key is None:
-    norm_key = next((k for k in s if k.endswith("/norm")), None)
-  if norm_key is None:
-    raise ValueError("history has no global-norm figure (record gt.monitor())")
+  norm_keys = _role_keys("global_norm", list(s))
+  if not norm_keys:
+    raise ValueError("diagnose: history has no global-norm figure; put "
+                     "gt.monitor() (or a detector or clip) in the optimizer")
+  norm_key = norm_keys[0]
   norm = s[norm_key]
   steps = len(norm)
+  if steps == 0:
+    raise ValueError("diagnose: history has no steps")
   bad = ~np.isfinite(norm)
   if loss is not None:
-    bad |= ~np.isfinite(np.asarray(loss, np.float64)[:steps])
+    loss = np.asarray(loss, np.float64).reshape(-1)
+    if len(loss) != steps:
+      raise ValueError(f"diagnose: loss has {len(loss)} values but the history "
+                       f"has {steps} steps; pass one loss per step")
+    bad |= ~np.isfinite(loss)
   first_bad = int(np.argmax(bad)) if bad.any() else None
-  leaves = {k[len(p):]: v for p in _LEAF_PREFIXES for k, v in s.items()
-            if k.startswith(p)}
+  leaves: dict[str, np.ndarray] = {}
+  for k in _role_keys("leaf_norm", list(s), per_leaf=True):
+    head, fig_leaf = k.split("/", 1)
+    leaves.setdefault(fig_leaf.split("/", 1)[1], s[k])
   names = sorted(leaves, key=_natural)
   bad_layers = ([n for n in names if not np.isfinite(leaves[n][first_bad])]
                 if first_bad is not None else [])

@@ -8,72 +8,129 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _checks, _layout, _norms, _stats, _xla
+from gradtransforms._layout import LayerAxes, PerLeaf
+from gradtransforms._registry import register
 
 
-@register("monitor", ("step", "norm", "leaf_norm", "log_norm_mean",
-                      "log_norm_var", "zscore", "nonfinite_leaves",
-                      "nonfinite_steps"))
+@register("monitor", ("step", "norm", "zscore", "log_norm_mean", "log_norm_var",
+                      "nonfinite_leaves", "nonfinite_count", "leaf_norm",
+                      "update_ratio"),
+          {"global_norm": "norm", "leaf_norm": "leaf_norm",
+           "update_ratio": "update_ratio"})
 class MonitorState(NamedTuple):
-  """Figures of the last step plus running statistics of ``log(norm)``.
+  """Figures of the last step plus running statistics of ``log ||g||``.
 
-  ``leaf_norm`` is a tree of per-leaf norms with ``per_leaf=True``, else ().
+  ``leaf_sumsq``: per-leaf (per layer slice) sums of squares as one stacked
+  vector (empty unless ``per_leaf``); ``param_sumsq``: the same of the
+  params (empty unless ``update_ratio``). ``leaf_norm`` and
+  ``update_ratio`` (``||u_i|| / ||p_i||``) are derived when read.
   ``nonfinite_leaves``: leaves holding Inf/NaN at the last step;
-  ``nonfinite_steps``: steps so far with any.
+  ``nonfinite_count``: steps so far with any.
   """
   step: jax.Array
   norm: jax.Array
-  leaf_norm: optax.Updates
-  log_norm_mean: jax.Array
-  log_norm_var: jax.Array
-  log_norm_count: jax.Array
+  log_norm: _stats.SeriesStats
   zscore: jax.Array
   nonfinite_leaves: jax.Array
-  nonfinite_steps: jax.Array
+  nonfinite_count: jax.Array
+  leaf_sumsq: PerLeaf
+  param_sumsq: PerLeaf
+
+  @property
+  def log_norm_mean(self) -> jax.Array:
+    return self.log_norm.mean
+
+  @property
+  def log_norm_var(self) -> jax.Array:
+    return self.log_norm.var
+
+  @property
+  def leaf_norm(self) -> PerLeaf:
+    return self.leaf_sumsq.sqrt()
+
+  @property
+  def update_ratio(self) -> PerLeaf:
+    if not self.param_sumsq.names:
+      return self.param_sumsq
+    return self.param_sumsq.replace(
+        jnp.sqrt(self.leaf_sumsq.values / self.param_sumsq.values))
 
 
-def monitor(per_leaf: bool = False, alpha: float = 0.98, *,
-            axis_name: str | None = None) -> optax.GradientTransformation:
+def monitor(per_leaf: bool = False, decay: float = 0.98, *,
+            update_ratio: bool = False, warmup_steps: int = 20,
+            layer_axes: LayerAxes = None, axis_name: str | None = None
+            ) -> optax.GradientTransformation:
   """Records the gradient norm and its statistics; updates pass unchanged.
 
   Each step: ``n = ||g||`` (and ``n_i = ||g_i||`` per leaf if ``per_leaf``),
-  ``z = (log n - m) / (s + 1e-6)`` against an EMA (factor ``alpha``) of
-  ``log n`` with mean ``m`` and variance ``s**2`` (see
-  ``_numerics.series_observe``), and the count of leaves holding Inf/NaN.
-  One read of the gradients, nothing written. Non-finite steps are counted
-  but never enter the statistics.
+  ``z = (log n - m) / (s + 1e-6)`` against an EMA (decay ``decay``) of
+  ``log n`` with mean ``m`` and variance ``s**2`` (``_stats.series_observe``;
+  ``z`` reads 0 for the first ``warmup_steps`` finite steps), and the count
+  of leaves holding Inf/NaN. One read of the gradients, nothing written.
+  Non-finite and zero norms are counted/recorded but never enter the
+  statistics.
 
-  State: :class:`MonitorState`.
+  Chained *after* the optimizer with ``update_ratio=True``, it sees the
+  updates and the params and records ``||u_i|| / ||p_i||`` per leaf, the
+  update-to-parameter ratio (healthy training: roughly 1e-4 to 1e-2 per
+  step); that reads the params once more.
+
+  State: :class:`MonitorState` (stacked vectors; its array count does not
+  depend on the number of leaves).
 
   Args:
-    per_leaf: also keep each leaf's norm (a tree of scalars).
-    alpha: EMA factor in [0, 1).
+    per_leaf: also keep each leaf's norm.
+    decay: EMA decay in [0, 1).
+    update_ratio: also keep ``||u_i|| / ||p_i||`` (needs params; implies
+      per-leaf norms).
+    warmup_steps: steps before ``zscore`` is reported (static), >= 1.
+    layer_axes: stacked-layer axes, as in
+      :func:`gradtransforms.clip_by_leaf_norm`: per-leaf figures per slice.
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
-  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
+  per_leaf = _checks.boolean("per_leaf", per_leaf)
+  update_ratio = _checks.boolean("update_ratio", update_ratio)
+  _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
+  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1,
+                                  static=False)
+  layer_axes = _layout.check_layer_axes(layer_axes)
+  keep = per_leaf or update_ratio
+  empty = _layout.Layout((), (), ())
 
-  @num.fresh_state
   def init_fn(params):
-    z = jnp.zeros((), jnp.float32)
-    i = jnp.zeros((), jnp.int32)
-    leaf = jax.tree.map(lambda _: z, params) if per_leaf else ()
-    return MonitorState(i, z, leaf, z, z, i, z, i, i)
+    lay = _layout.layout(params, layer_axes)
+    z, i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+    return _xla.fresh(MonitorState(
+        step=i, norm=z, log_norm=_stats.series_init(), zscore=z,
+        nonfinite_leaves=i, nonfinite_count=i,
+        leaf_sumsq=_layout.zeros(lay if keep else empty),
+        param_sumsq=_layout.zeros(lay if update_ratio else empty)))
 
   def update_fn(updates, state, params=None):
-    del params
     _checks.float_leaves("updates", updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    n, vec = num.norms(leaves, axis_name)
-    bad_leaves = jnp.sum(~jnp.isfinite(vec), dtype=jnp.int32)
-    leaf_norm = jax.tree.unflatten(treedef, list(vec))
-    stats = num.SeriesStats(state.log_norm_mean, state.log_norm_var,
-                            state.log_norm_count)
-    stats, z, _ = num.series_observe(stats, jnp.log(n), alpha, jnp.inf, 0)
-    new = MonitorState(state.step + 1, n, leaf_norm if per_leaf else (),
-                       stats.mean, stats.var, stats.count, z, bad_leaves,
-                       state.nonfinite_steps + (bad_leaves > 0).astype(jnp.int32))
-    return num.detach(updates, new)
+    if update_ratio:
+      _checks.needs_params("monitor(update_ratio=True)", params)
+    leaves = jax.tree.leaves(updates)
+    lay = _layout.layout(updates, layer_axes)
+    if keep:
+      _layout.check_names(lay, state.leaf_sumsq, "monitor")
+    sq = _layout.stack(_norms.leaf_sumsq(leaves, lay, axis_name))
+    n = jnp.sqrt(jnp.sum(sq))
+    bad = jnp.sum(~jnp.isfinite(sq), dtype=jnp.int32)
+    stats, z, _ = _stats.series_observe(state.log_norm, jnp.log(n), decay,
+                                        jnp.inf, warmup_steps)
+    p_sq = state.param_sumsq
+    if update_ratio:
+      p_leaves = jax.tree.structure(updates).flatten_up_to(params)
+      p_sq = p_sq.replace(_layout.stack(_norms.leaf_sumsq(p_leaves, lay,
+                                                          axis_name)))
+    new = MonitorState(
+        step=_stats.inc(state.step), norm=n, log_norm=stats, zscore=z,
+        nonfinite_leaves=bad,
+        nonfinite_count=_stats.inc(state.nonfinite_count, bad > 0),
+        leaf_sumsq=state.leaf_sumsq.replace(sq) if keep else state.leaf_sumsq,
+        param_sumsq=p_sq)
+    return _xla.detach(updates, new)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _layout
+from gradtransforms import _norms
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
 @register("per_example_clip", ("clip_fraction", "mean_norm", "max_norm"))
@@ -36,45 +38,65 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
   Privacy" (no noise is added here: chain a noise transform for DP).
 
   An example with a non-finite norm is not scaled, so its Inf/NaN reaches the
-  output where a guard can see it.
+  output where a guard can see it. A zero example stays zero (scale 1).
+  An empty tree passes through (figures 0); zero-size leaves (``(B, 0)``)
+  add nothing to the norms; an empty batch (``B = 0``) gives zeros. A leaf
+  without a batch axis (a scalar), or leaves whose leading sizes differ,
+  raise ``ValueError`` naming them (the output would silently lose an axis).
 
   State: :class:`PerExampleClipState` of the last step.
 
   Args:
-    l2_norm_clip: the per-example bound ``C``, >= 0.
+    l2_norm_clip: the per-example bound ``C``, >= 0 (``inf``: never clip).
     reduce: ``"mean"`` or ``"sum"`` over the batch.
     axis_name: if the batch is split over this ``shard_map``/``pmap`` axis,
       the sums (and the batch size, for the mean) are ``psum``-ed over it.
   """
-  _checks.nonnegative("l2_norm_clip", l2_norm_clip)
-  _checks.one_of("reduce", reduce, ("mean", "sum"))
+  _checks.bound("l2_norm_clip", l2_norm_clip)
+  _checks.axis_name("axis_name", axis_name)
+  reduce = _checks.one_of("reduce", reduce, ("mean", "sum"))
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
-    return PerExampleClipState(z, z, z)
+    return PerExampleClipState(clip_fraction=z, mean_norm=z, max_norm=z)
 
   def update_fn(updates, state, params=None):
     del state, params
     _checks.float_leaves("updates", updates)
     leaves, treedef = jax.tree.flatten(updates)
-    sizes = {x.shape[0] if x.ndim else None for x in leaves}
-    if len(sizes) != 1 or None in sizes or 0 in sizes:
+    if not leaves:
+      z = jnp.zeros((), jnp.float32)
+      return updates, PerExampleClipState(clip_fraction=z, mean_norm=z,
+                                          max_norm=z)
+    named = _layout.leaf_paths(updates)
+    scalars = [n for n, x in named if jnp.ndim(x) == 0]
+    if scalars:
       raise ValueError(
-          "per_example_clip: every leaf of updates needs the same non-empty "
-          f"leading batch axis, got leading sizes {sorted(map(str, sizes))}")
+          "per_example_clip: every leaf of updates needs a leading batch axis "
+          f"(per-example gradients, e.g. from jax.vmap); {scalars[:3]} "
+          "are scalars")
+    sizes = {jnp.shape(x)[0] for x in leaves}
+    if len(sizes) != 1:
+      first = {}
+      for n, x in named:
+        first.setdefault(jnp.shape(x)[0], n)
+      raise ValueError(
+          "per_example_clip: every leaf of updates needs the same leading "
+          f"batch axis, got sizes {sorted(sizes)} (e.g. "
+          + ", ".join(f"{n!r}: {b}" for b, n in first.items()) + ")")
     batch = sizes.pop()
 
     def sq(x):
-      x = x.astype(num.acc_dtype(x))
+      x = x.astype(_norms.acc_dtype(x))
       return jnp.sum(x * x, axis=tuple(range(1, x.ndim))).astype(jnp.float32)
 
     norms = jnp.sqrt(sum(sq(x) for x in leaves))
-    s = num.clip_scale(norms, l2_norm_clip)
+    s = _norms.clip_scale(norms, l2_norm_clip)
 
     def aggregate(x):
-      acc = num.acc_dtype(x)
+      acc = _norms.acc_dtype(x)
       w = s.astype(acc).reshape((batch,) + (1,) * (x.ndim - 1))
       total = jnp.sum(x.astype(acc) * w, axis=0)
       if axis_name is not None:
@@ -83,16 +105,18 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
 
     n = jnp.asarray(batch, jnp.float32)
     clipped = jnp.sum((s < 1).astype(jnp.float32))
-    norm_sum, norm_max = jnp.sum(norms), jnp.max(norms)
+    norm_sum, norm_max = jnp.sum(norms), jnp.max(norms, initial=0.0)
     if axis_name is not None:
       n = jax.lax.psum(n, axis_name)
       clipped = jax.lax.psum(clipped, axis_name)
       norm_sum = jax.lax.psum(norm_sum, axis_name)
       norm_max = jax.lax.pmax(norm_max, axis_name)
+    n = jnp.maximum(n, 1.0)  # an empty batch: zeros, not 0/0
     inv = 1.0 / n if reduce == "mean" else jnp.ones((), jnp.float32)
-    out = [(aggregate(x) * inv.astype(num.acc_dtype(x))).astype(x.dtype)
+    out = [(aggregate(x) * inv.astype(_norms.acc_dtype(x))).astype(x.dtype)
            for x in leaves]
-    new_state = PerExampleClipState(clipped / n, norm_sum / n, norm_max)
+    new_state = PerExampleClipState(clip_fraction=clipped / n,
+                                    mean_norm=norm_sum / n, max_norm=norm_max)
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

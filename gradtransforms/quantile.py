@@ -6,14 +6,22 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 
-@register("quantile_clip", ("norm", "threshold", "clipped"))
+# The bound never goes below this (float32's smallest normal number), so a
+# geometric update can always bring it back up: 0 * exp(x) would stay 0.
+_FLOOR = float(np.finfo(np.float32).tiny)
+
+
+@register("quantile_clip", ("norm", "threshold", "clipped"),
+          {"global_norm": "norm", "threshold": "threshold", "clipped": "clipped"})
 class QuantileClipState(NamedTuple):
   """``threshold``: the bound used at the last step; ``clip``: the next one."""
   clip: jax.Array
@@ -35,36 +43,44 @@ def quantile_clip(target_quantile: float = 0.5, learning_rate: float = 0.2,
   paper averages ``b`` over a batch's per-example norms and adds noise; here
   ``b`` is the step's global-norm indicator and no noise is added.)
 
-  A non-finite norm leaves ``C`` unchanged and its update passes unchanged.
+  Non-finite and zero norms are not observations: they leave ``C``
+  unchanged and their update passes unchanged (a stretch of zero gradients
+  would otherwise shrink ``C`` geometrically until it underflowed to 0,
+  where ``0 * exp(x)`` stays 0 and every later update is zeroed). ``C`` is
+  also floored at float32's smallest normal number (~1.2e-38), so it can
+  always grow back. An empty tree has norm 0 and passes through.
+  ``initial_clip=inf`` never clips (``inf * exp(x)`` stays ``inf``).
 
   State: :class:`QuantileClipState`. Defaults are the paper's.
 
   Args:
     target_quantile: gamma in [0, 1].
     learning_rate: eta > 0 of the geometric update.
-    initial_clip: C_0 > 0.
+    initial_clip: C_0 > 0 (``inf``: never clip).
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
   _checks.in_range("target_quantile", target_quantile, 0.0, 1.0)
+  _checks.axis_name("axis_name", axis_name)
   _checks.positive("learning_rate", learning_rate)
-  _checks.positive("initial_clip", initial_clip)
+  _checks.bound("initial_clip", initial_clip, strict=True)
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
-    return QuantileClipState(jnp.asarray(initial_clip, jnp.float32), z, z,
-                             jnp.zeros((), jnp.bool_))
+    return QuantileClipState(clip=jnp.asarray(initial_clip, jnp.float32),
+                             norm=z, threshold=z, clipped=jnp.zeros((), jnp.bool_))
 
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
-    n = num.global_norm(updates, axis_name)
-    s = num.clip_scale(n, state.clip)
+    n = _norms.global_norm(updates, axis_name)
+    s = _norms.clip_scale(n, state.clip)
     below = (n <= state.clip).astype(jnp.float32)
     new_clip = state.clip * jnp.exp(-learning_rate * (below - target_quantile))
-    clip = jnp.where(jnp.isfinite(n), new_clip, state.clip)
-    return num.scale_tree(updates, s), QuantileClipState(clip, n, state.clip,
-                                                         s < 1)
+    new_clip = jnp.maximum(new_clip, _FLOOR)
+    clip = jnp.where(jnp.isfinite(n) & (n > 0), new_clip, state.clip)
+    return _norms.scale_tree(updates, s), QuantileClipState(
+        clip=clip, norm=n, threshold=state.clip, clipped=s < 1)
 
   return optax.GradientTransformation(init_fn, update_fn)

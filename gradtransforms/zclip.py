@@ -9,24 +9,28 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _numerics as num
-from gradtransforms._metrics import register
+from gradtransforms import _norms
+from gradtransforms import _stats
+from gradtransforms import _xla
+from gradtransforms._registry import register
 
 # The reference's clip coefficient, as torch's clip_grad_norm_: max / (n + 1e-6).
 _TORCH_EPS = 1e-6
 
 
 @register("zclip", ("norm", "threshold", "clipped", "spike", "zscore", "mean",
-                    "var", "count"))
+                    "var", "observed"),
+          {"global_norm": "norm", "threshold": "threshold", "clipped": "clipped"})
 class ZClipState(NamedTuple):
-  """``warmup``: norms of the warm-up steps; ``count``: finite norms seen;
-  ``mean``/``var``: the EMA statistics (valid once ``count >= warmup_steps``).
+  """``warmup``: norms of the warm-up steps; ``observed``: finite, non-zero
+  norms seen (saturates at 2**31 - 1); ``mean``/``var``: the EMA statistics
+  (valid once ``observed >= warmup_steps``).
 
   ``norm``, ``threshold`` (the effective clip value), ``clipped``, ``spike``
-  and ``zscore`` are the last step's figures.
+  and ``zscore`` (0 during warm-up) are the last step's figures.
   """
   warmup: jax.Array
-  count: jax.Array
+  observed: jax.Array
   mean: jax.Array
   var: jax.Array
   norm: jax.Array
@@ -36,7 +40,7 @@ class ZClipState(NamedTuple):
   zscore: jax.Array
 
 
-def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
+def zclip(decay: float = 0.97, z_thresh: float = 2.5,
           max_grad_norm: float | None = 1.0, eps: float = 1e-6,
           warmup_steps: int = 25, mode: str = "zscore",
           clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
@@ -45,9 +49,9 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   """ZClip (Kumar et al., 2025, "ZClip: Adaptive Spike Mitigation for LLM
   Pre-Training"), step for step as the authors' reference implementation.
 
-  Warm-up (the first ``warmup_steps`` finite norms): the norms are buffered
-  and the update is clipped to ``max_grad_norm``; at the last warm-up step
-  ``mu = mean(buffer)``, ``var = mean((buffer - mu)**2)``.
+  Warm-up (the first ``warmup_steps`` finite non-zero norms): the norms are
+  buffered and the update is clipped to ``max_grad_norm``; at the last
+  warm-up step ``mu = mean(buffer)``, ``var = mean((buffer - mu)**2)``.
 
   Afterwards, with ``sigma = sqrt(var)`` and ``z = (n - mu) / (sigma + eps)``:
 
@@ -59,33 +63,40 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
 
   The effective bound is ``min(clip value if spike else n, max_grad_norm)``
   and the update is scaled by ``bound / (n + 1e-6)`` where ``n > bound``.
-  Then ``mu <- alpha mu + (1 - alpha) x``,
-  ``var <- alpha var + (1 - alpha) (x - mu)**2`` with ``x`` the clip value on
+  Then ``mu <- decay mu + (1 - decay) x``,
+  ``var <- decay var + (1 - decay) (x - mu)**2`` with ``x`` the clip value on
   a spike and ``n`` otherwise (skipped on a spike if
   ``skip_update_on_spike``).
 
-  Non-finite norms: unlike the reference (where one NaN poisons the EMA for
-  good) a non-finite norm is not counted, does not touch the statistics, and
-  its update passes unchanged.
+  Non-finite and zero norms are not observations: unlike the reference
+  (where one NaN poisons the EMA for good, and zero gradients during
+  warm-up give ``mu = var = 0``, after which every norm is a spike clipped
+  to 0, forever) such a norm is not counted, does not touch the buffer or
+  the statistics, and its update passes unchanged (a zero update stays
+  zero). So warm-up ends after ``warmup_steps`` finite non-zero norms, and a
+  stretch of zero gradients leaves the statistics as they were. On finite
+  non-zero norms the numbers are the reference's. An empty tree has norm 0
+  and passes through.
 
   State: :class:`ZClipState`. Defaults are the reference's.
 
   Args:
-    alpha: EMA factor in [0, 1).
-    z_thresh: z-score threshold, > 0.
-    max_grad_norm: absolute cap on the norm, or None.
+    decay: the EMA's decay in [0, 1) (the reference's ``alpha``).
+    z_thresh: z-score threshold, > 0 (``inf``: no spike is ever detected).
+    max_grad_norm: absolute cap on the norm, or None (or ``inf``: no cap).
     eps: added to sigma in the z-score.
     warmup_steps: number of norms before the EMA starts (static), >= 1.
     mode: ``"zscore"`` or ``"percentile"``.
     clip_option: ``"adaptive_scaling"`` or ``"mean"`` (zscore mode only).
     clip_factor: multiplier of the adaptive threshold, > 0.
-    skip_update_on_spike: keep the statistics unchanged on a spike.
+    skip_update_on_spike: keep the statistics unchanged on a spike (a bool).
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
-  _checks.in_range("alpha", alpha, 0.0, 1.0, hi_open=True)
-  _checks.positive("z_thresh", z_thresh)
+  _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
+  _checks.axis_name("axis_name", axis_name)
+  _checks.positive("z_thresh", z_thresh, allow_inf=True)
   if max_grad_norm is not None:
-    _checks.nonnegative("max_grad_norm", max_grad_norm)
+    _checks.bound("max_grad_norm", max_grad_norm)
   _checks.nonnegative("eps", eps)
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
   mode = _checks.one_of("mode", mode.lower() if isinstance(mode, str) else mode,
@@ -93,32 +104,36 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
   clip_option = _checks.one_of("clip_option", clip_option,
                                ("adaptive_scaling", "mean"))
   _checks.positive("clip_factor", clip_factor)
+  skip_update_on_spike = _checks.boolean("skip_update_on_spike",
+                                         skip_update_on_spike)
   cap = jnp.inf if max_grad_norm is None else max_grad_norm
 
-  @num.fresh_state
+  @_xla.fresh_state
   def init_fn(params):
     del params
     z = jnp.zeros((), jnp.float32)
     f = jnp.zeros((), jnp.bool_)
-    return ZClipState(jnp.zeros((warmup_steps,), jnp.float32),
-                      jnp.zeros((), jnp.int32), z, z, z, z, f, f, z)
+    return ZClipState(warmup=jnp.zeros((warmup_steps,), jnp.float32),
+                      observed=jnp.zeros((), jnp.int32), mean=z, var=z, norm=z,
+                      threshold=z, clipped=f, spike=f, zscore=z)
 
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)
-    n = num.global_norm(updates, axis_name)
-    ok = jnp.isfinite(n)
-    ready = state.count >= warmup_steps  # EMA initialised before this step
+    n = _norms.global_norm(updates, axis_name)
+    ok = jnp.isfinite(n) & (n > 0)  # an observation
+    ready = state.observed >= warmup_steps  # EMA initialised before this step
 
     # Warm-up: buffer the norm; initialise the EMA at the last warm-up step.
-    buf, count = num.ring_push(state.warmup, state.count, n, ok & ~ready)
+    buf, observed = _stats.ring_push(state.warmup, state.observed, n,
+                                     ok & ~ready)
     pop_mean = jnp.mean(buf)
     pop_var = jnp.mean(jnp.square(buf - pop_mean))
-    init_now = ~ready & (count == warmup_steps)
+    init_now = ~ready & (observed == warmup_steps)
 
     # Spike test and clip value against the EMA.
     std = jnp.sqrt(state.var)
-    z = num.zscore(num.MeanVar(state.mean, state.var), n, eps)
+    z = _stats.zscore(_stats.MeanVar(state.mean, state.var), n, eps)
     if mode == "percentile":
       clip_val = state.mean + z_thresh * std
       spike = n > clip_val
@@ -131,19 +146,20 @@ def zclip(alpha: float = 0.97, z_thresh: float = 2.5,
     spike = ready & ok & spike
     bound = jnp.where(ready, jnp.minimum(jnp.where(spike, clip_val, n), cap),
                       cap)
-    s = num.clip_scale(n, bound, eps=_TORCH_EPS)
+    s = _norms.clip_scale(n, bound, eps=_TORCH_EPS)
 
     x = jnp.where(spike, clip_val, n)
     ema_ok = ready & ok
     if skip_update_on_spike:
       ema_ok = ema_ok & ~spike
-    stats = num.ema_mean_var(num.MeanVar(state.mean, state.var), x, alpha,
+    stats = _stats.ema_mean_var(_stats.MeanVar(state.mean, state.var), x, decay,
                              ema_ok)
     mean = jnp.where(init_now, pop_mean, stats.mean)
     var = jnp.where(init_now, pop_var, stats.var)
-    count = jnp.where(ready, state.count + ok.astype(jnp.int32), count)
-    new_state = ZClipState(buf, count, mean, var, n, bound, s < 1, spike,
-                           jnp.where(ready, z, 0.0))
-    return num.scale_tree(updates, s), new_state
+    observed = jnp.where(ready, _stats.inc(state.observed, ok), observed)
+    new_state = ZClipState(warmup=buf, observed=observed, mean=mean, var=var,
+                           norm=n, threshold=bound, clipped=s < 1, spike=spike,
+                           zscore=jnp.where(ready, z, 0.0))
+    return _norms.scale_tree(updates, s), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -62,7 +62,7 @@ def test_autoclip_nan_step_is_not_recorded():
   norms = NORMS[:10] + [np.nan] + NORMS[10:20]
   out, states = drive(gt.autoclip(25.0, history=64), norms)
   assert np.isnan(out[10])  # passed through, not repaired
-  assert int(states[-1].count) == 20
+  assert int(states[-1].observed) == 20
   np.testing.assert_allclose(out[11:], autoclip_ref(NORMS[:20], 25.0)[10:],
                              rtol=2e-5)
 
@@ -128,7 +128,8 @@ class ZClipRef:
 def test_zclip_matches_reference_step_for_step(kwargs):
   ref = ZClipRef(**kwargs)
   expect = np.asarray([ref.step(float(n)) for n in NORMS])
-  out, states = drive(gt.zclip(**kwargs), NORMS)
+  ours = {("decay" if k == "alpha" else k): v for k, v in kwargs.items()}
+  out, states = drive(gt.zclip(**ours), NORMS)
   np.testing.assert_allclose(out, expect, rtol=1e-4)
   np.testing.assert_allclose(states[-1].mean, ref.mean, rtol=1e-4)
   np.testing.assert_allclose(states[-1].var, ref.var, rtol=1e-3)
@@ -183,7 +184,7 @@ def test_adagc_matches_reference():
   for o, e in zip(outs, expect):
     for a, b in zip(o, e):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.tree.leaves(state.gamma)), gamma,
+  np.testing.assert_allclose(np.asarray(state.gamma.values), gamma,
                              rtol=1e-4)
   # The spiking layer was clipped back near its running norm, the rest not.
   leaf = gt.leaf_names(seq[0]).index("dense/w")
@@ -220,7 +221,7 @@ def spam_ref(seq, theta, b2):
 def test_spike_clip_matches_reference(theta, b2, steps):
   seq = [random_tree(200 + t) for t in range(steps)]
   seq[6]["conv"][0] = seq[6]["conv"][0].at[0, 0, 0, 0].set(1e4)  # one entry
-  tx = gt.spike_clip(threshold=theta, b2=b2)
+  tx = gt.spike_clip(threshold=theta, decay=b2)
   state, step, outs, figures = tx.init(seq[0]), jax.jit(tx.update), [], []
   for tree in seq:
     u, state = step(tree, state)
@@ -327,9 +328,9 @@ def test_adaptive_keep_dtype_and_structure_and_metrics(name):
     (lambda: gt.autoclip(history=0), "history"),
     (lambda: gt.zclip(mode="median"), "mode"),
     (lambda: gt.zclip(clip_option="max"), "clip_option"),
-    (lambda: gt.zclip(alpha=1.0), "alpha"),
+    (lambda: gt.zclip(decay=1.0), "decay"),
     (lambda: gt.zclip(z_thresh=0.0), "z_thresh"),
-    (lambda: gt.adagc(beta=-0.1), "beta"),
+    (lambda: gt.adagc(decay=-0.1), "decay"),
     (lambda: gt.spike_clip(threshold=-1.0), "threshold"),
     (lambda: gt.clippy(absolute_factor=0.0), "absolute_factor"),
     (lambda: gt.quantile_clip(target_quantile=1.5), "target_quantile"),

@@ -42,7 +42,7 @@ def test_monitor_records_norms_and_passes_updates_unchanged():
   outs, states = run(gt.monitor(per_leaf=True), seq)
   for o, g in zip(outs, seq):
     chex.assert_trees_all_equal(o, g)
-  m = gt.metrics(states[2])
+  m = gt.metrics(states[2], per_leaf=True)
   np.testing.assert_allclose(m["monitor/norm"], 4.0, rtol=1e-5)
   np.testing.assert_allclose(m["monitor/leaf_norm/dense/w"],
                              np.linalg.norm(np.asarray(seq[2]["dense"]["w"])),
@@ -51,7 +51,7 @@ def test_monitor_records_norms_and_passes_updates_unchanged():
   np.testing.assert_allclose(m["monitor/log_norm_mean"], np.log(2.0), rtol=1e-5)
   last = gt.metrics(states[3])
   assert int(last["monitor/nonfinite_leaves"]) == 2  # dense/b and conv/1
-  assert int(last["monitor/nonfinite_steps"]) == 1
+  assert int(last["monitor/nonfinite_count"]) == 1
   assert last["monitor/log_norm_mean"] == m["monitor/log_norm_mean"]  # not poisoned
 
 
@@ -62,9 +62,9 @@ def test_no_false_alarms_on_steady_sequence():
   _, states = run(gt.detect_spikes(), grads_with_norms(STEADY),
                   losses=[2.0 + 0.05 * np.sin(i) for i in range(300)])
   m = gt.metrics(states[-1])
-  assert int(m["detect_spikes/norm_spikes"]) == 0
-  assert int(m["detect_spikes/loss_spikes"]) == 0
-  assert int(m["detect_spikes/nonfinite_steps"]) == 0
+  assert int(m["detect_spikes/norm_spike_count"]) == 0
+  assert int(m["detect_spikes/loss_spike_count"]) == 0
+  assert int(m["detect_spikes/nonfinite_count"]) == 0
 
 
 def test_planted_norm_and_loss_spikes_are_flagged_at_their_steps():
@@ -102,9 +102,9 @@ def test_attribution_names_the_leaf_that_blew_up():
   named = gt.culprits(states[-1], params)
   assert named["detect_spikes/first_nonfinite_leaf"] == "emb/0"
   assert named["detect_spikes/first_nonfinite_step"] == 55
-  m = gt.metrics(states[-1])
-  assert int(m["detect_spikes/leaf_first_nonfinite/emb/0"]) == 55
-  assert int(m["detect_spikes/leaf_first_nonfinite/dense/w"]) == -1
+  m = gt.metrics(states[-1], per_leaf=True)
+  assert int(m["detect_spikes/nonfinite_since/emb/0"]) == 55
+  assert int(m["detect_spikes/nonfinite_since/dense/w"]) == -1
 
 
 def test_on_event_hook_fires_only_on_events():
@@ -113,7 +113,10 @@ def test_on_event_hook_fires_only_on_events():
   seq[35] = jax.tree.map(lambda x: x * jnp.nan, seq[35])
   run(gt.detect_spikes(on_event=seen.append), seq)
   jax.effects_barrier()
-  assert len(seen) == 1 and bool(seen[0]["nonfinite"]) and int(seen[0]["step"]) == 36
+  # one indexing convention: the 0-based index of the step, everywhere
+  assert len(seen) == 1 and bool(seen[0]["nonfinite"]) and int(seen[0]["step"]) == 35
+  assert int(seen[0]["first_nonfinite_step"]) == 35
+  assert seen[0]["first_nonfinite_leaf"] in gt.leaf_names(seq[0])  # a name
 
 
 # --- guard ------------------------------------------------------------------------
@@ -142,7 +145,7 @@ def test_guard_skip_keeps_params_and_inner_state_bit_identical():
 def test_guard_never_applies_nan_unlike_apply_if_finite_and_halts():
   params = random_tree(3)
   nan = jax.tree.map(lambda x: x * jnp.nan, random_tree(4))
-  ours = gt.guard(optax.sgd(0.1), max_consecutive=3)
+  ours = gt.guard(optax.sgd(0.1), max_consecutive_errors=3)
   ref = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3)
   _, s_ours = ours.init(params), ref.init(params)
   s_ours, s_ref = ours.init(params), ref.init(params)
@@ -161,7 +164,7 @@ def test_guard_never_applies_nan_unlike_apply_if_finite_and_halts():
 
 def test_guard_reset_inner_state_on_halt():
   params = random_tree(3)
-  tx = gt.guard(optax.adam(1e-2), max_consecutive=2, reset_inner_state=True)
+  tx = gt.guard(optax.adam(1e-2), max_consecutive_errors=2, reset_inner_state=True)
   state = tx.init(params)
   for _ in range(3):
     _, state = tx.update(random_tree(4), state, params)
@@ -215,7 +218,7 @@ def test_composes_with_multisteps_inject_and_nnx_optimizer():
   m = gt.metrics(state)
   assert int(m["monitor/step"]) == 2 and int(m["guard/step"]) == 2
 
-  inj = optax.inject_hyperparams(gt.monitor)(alpha=0.5)
+  inj = optax.inject_hyperparams(gt.monitor)(decay=0.5)
   s = inj.init(params)
   _, s = jax.jit(inj.update)(random_tree(1), s, params)
   assert "monitor/norm" in gt.metrics(s)
@@ -252,10 +255,10 @@ def test_state_is_checkpointable():
 @pytest.mark.parametrize("make,arg", [
     (lambda: gt.guard(optax.sgd(1.0), on="loss"), "on"),
     (lambda: gt.guard(optax.sgd(1.0), action="clip"), "action"),
-    (lambda: gt.guard(optax.sgd(1.0), max_consecutive=0), "max_consecutive"),
+    (lambda: gt.guard(optax.sgd(1.0), max_consecutive_errors=0), "max_consecutive_errors"),
     (lambda: gt.detect_spikes(z_thresh=-1.0), "z_thresh"),
-    (lambda: gt.detect_spikes(alpha=1.5), "alpha"),
-    (lambda: gt.monitor(alpha=-0.5), "alpha"),
+    (lambda: gt.detect_spikes(decay=1.5), "decay"),
+    (lambda: gt.monitor(decay=-0.5), "decay"),
 ])
 def test_detection_bad_arguments(make, arg):
   with pytest.raises(ValueError, match=arg):

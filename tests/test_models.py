@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import gradtransforms as gt
-from gradtransforms import _numerics as num
+from gradtransforms import _norms
 from gradtransforms.models import GRU, LSTM, DeepMLP, ElmanRNN
 from gradtransforms.tasks import (addition, corrupted, deep_regression,
                                   make_train_step, temporal_order, train)
@@ -46,7 +46,7 @@ def _grad_norm(model_fn, T):
   task = addition(T)
   x, y = task.sample(jax.random.PRNGKey(0), 32)
   g = nnx.grad(lambda m: task.loss(m(x), y))(model_fn())
-  return float(num.global_norm(nnx.state(g, nnx.Param)))
+  return float(_norms.global_norm(nnx.state(g, nnx.Param)))
 
 
 def test_rnn_gradient_grows_with_length_and_lstm_much_less():

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import gradtransforms as gt
+from gradtransforms.catalogue import CATALOGUE
 
 N_DEV = 8
 pytestmark = pytest.mark.skipif(len(jax.devices()) < N_DEV,
@@ -29,21 +30,19 @@ def mesh():
   return Mesh(np.asarray(jax.devices()[:N_DEV]), ("d",))
 
 
-TRANSFORMS = {
-    "clip_by_global_norm": lambda **kw: gt.clip_by_global_norm(1.0, **kw),
-    "clip_by_leaf_norm": lambda **kw: gt.clip_by_leaf_norm(1.0, **kw),
-    "clip_by_block_rms": lambda **kw: gt.clip_by_block_rms(0.5, **kw),
-    "autoclip": lambda **kw: gt.autoclip(50.0, history=8, **kw),
-    "zclip": lambda **kw: gt.zclip(warmup_steps=2, max_grad_norm=None, **kw),
-    "adagc": lambda **kw: gt.adagc(warmup_steps=2, **kw),
-    "quantile_clip": lambda **kw: gt.quantile_clip(**kw),
-    "spike_clip": lambda **kw: gt.spike_clip(threshold=2.0, **kw),
-    "clippy": lambda **kw: gt.clippy(**kw),
-    "monitor": lambda **kw: gt.monitor(per_leaf=True, **kw),
-    "guard": lambda **kw: gt.guard(optax.adam(0.1), on="spike", warmup_steps=2,
-                                   **kw),
-}
-NO_AXIS = {"adaptive_grad_clip": lambda: gt.adaptive_grad_clip(0.05)}
+
+
+def _make(entry):
+  if entry.placement == "around":
+    return lambda **kw: entry.test(**kw)(optax.adam(0.1))
+  return entry.test
+
+
+# Every transform with an axis_name, and the others (jit/NamedSharding only).
+TRANSFORMS = {k: _make(e) for k, e in CATALOGUE.items()
+              if e.axis_name and not e.batch_axis and k != "with_moment_reset"}
+NO_AXIS = {k: _make(e) for k, e in CATALOGUE.items()
+           if not e.axis_name and not e.batch_axis}
 SEQ = [tree(10 + i, scale=1.0 + (5.0 if i == 4 else 0.1 * i)) for i in range(6)]
 PARAMS = tree(0)
 

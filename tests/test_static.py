@@ -53,9 +53,10 @@ def test_leaf_norm_matches_numpy(tree):
     n = np.sqrt(np.sum(r * r))
     np.testing.assert_allclose(o, r * min(1.0, 1.5 / n), rtol=1e-5, atol=1e-7)
     assert np.sqrt(np.sum(o * o)) <= 1.5 * (1 + 1e-6)
-  m = gt.metrics(state)
+  m = gt.metrics(state, per_leaf=True)
   assert set(m) == {f"clip_by_leaf_norm/{f}/{k}" for f in ("norm", "scale")
-                    for k in gt.leaf_names(tree)}
+                    for k in gt.leaf_names(tree)} | {
+                        "clip_by_leaf_norm/clipped", "clip_by_leaf_norm/threshold"}
   np.testing.assert_allclose(m["clip_by_leaf_norm/norm/dense/w"],
                              np.linalg.norm(np.asarray(tree["dense"]["w"])),
                              rtol=1e-6)
@@ -72,25 +73,6 @@ def test_clip_by_value_matches_optax(tree):
   ours, _ = run(gt.clip_by_value(0.7), tree)
   ref, _ = run(optax.clip(0.7), tree)
   chex.assert_trees_all_equal(ours, ref)
-
-
-@pytest.mark.parametrize("clipping", [0.01, 0.1, 1.0])
-def test_agc_matches_optax(clipping):
-  g, p = random_tree(3, scale=2.0), random_tree(4)
-  ours, state = run(gt.adaptive_grad_clip(clipping), g, p)
-  ref, _ = run(optax.adaptive_grad_clip(clipping), g, p)
-  chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-7)
-  frac = gt.metrics(state)["adaptive_grad_clip/clip_fraction/dense/w"]
-  gw, pw = np.asarray(g["dense"]["w"]), np.asarray(p["dense"]["w"])
-  expect = np.mean(np.linalg.norm(gw, axis=0) >
-                   clipping * np.maximum(np.linalg.norm(pw, axis=0), 1e-3))
-  np.testing.assert_allclose(frac, expect)
-
-
-def test_agc_needs_params(tree):
-  tx = gt.adaptive_grad_clip(0.1)
-  with pytest.raises(ValueError, match="params"):
-    tx.update(tree, tx.init(tree))
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
@@ -142,7 +124,7 @@ def test_nonfinite_passes_through_unscaled(tree, bad):
     chex.assert_trees_all_close(out["dense"], expect, rtol=1e-6)
     np.testing.assert_array_equal(out["scalar"], t["scalar"])
     assert not all(np.all(np.isfinite(np.asarray(v)))
-                   for v in gt.metrics(state).values())
+                   for v in gt.metrics(state, per_leaf=True).values())
 
 
 def test_norm_beyond_float32_range_reads_as_inf_and_passes_unchanged():
@@ -195,7 +177,6 @@ def test_chain_with_adam_and_injected_threshold(tree):
     (lambda: gt.clip_by_leaf_norm(-0.1), "max_norm"),
     (lambda: gt.clip_by_block_rms(-2), "threshold"),
     (lambda: gt.clip_by_value(-1), "max_abs"),
-    (lambda: gt.adaptive_grad_clip(-1.0), "clipping"),
     (lambda: gt.per_example_clip(-1.0), "l2_norm_clip"),
     (lambda: gt.per_example_clip(1.0, reduce="median"), "reduce"),
     (lambda: gt.clip_by_global_norm(float("nan")), "max_norm"),

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from gradtransforms import _checks
-from gradtransforms._metrics import metrics
+from gradtransforms._reading import metrics
 from gradtransforms.monitor import monitor
 from gradtransforms.tasks.synthetic import Task
 

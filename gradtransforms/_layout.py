@@ -1,0 +1,206 @@
+"""Per-leaf figures as stacked vectors: :class:`PerLeaf` and the leaf layout.
+
+A transform that keeps one figure per parameter leaf stores it as ONE float32
+(or int32) vector of shape ``(n_segments,)``, never as a tree of scalars: the
+number of arrays in its state does not grow with the number of leaves, and
+on GPU/TPU a vector costs one small kernel where a tree of scalars costs one
+per leaf. A *segment* is a leaf, or, for a leaf with a layer axis
+(``layer_axes``, stacked/scanned layers), one slice of it along that axis.
+
+The segment names (``"blocks/attn/kernel[3]"``) travel with the vector as
+static pytree metadata (:class:`PerLeaf`), so ``gt.metrics`` can unstack the
+vector by name at read time without the params, and an update tree whose
+structure differs from ``init``'s is caught at trace time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import keystr  # noqa: F401 (re-exported)
+
+LayerAxes = Union[None, Callable[[str, Any], Union[int, None]], Any]
+
+
+@jax.tree_util.register_pytree_node_class
+class PerLeaf:
+  """A vector with one entry per segment, and the segments' names (static).
+
+  ``values``: an array of shape ``(len(names),)``. ``names``: a tuple of
+  strings, part of the pytree structure (not a leaf), so ``jax.jit``,
+  ``donate_argnums``, checkpoints and ``jax.tree.map`` see one array.
+  """
+  __slots__ = ("values", "names")
+
+  def __init__(self, values: Any, names: tuple[str, ...]):
+    self.values = values
+    self.names = names
+
+  def tree_flatten(self):
+    return (self.values,), self.names
+
+  @classmethod
+  def tree_unflatten(cls, names, children):
+    return cls(children[0], names)
+
+  def replace(self, values: Any) -> "PerLeaf":
+    return PerLeaf(values, self.names)
+
+  def sqrt(self) -> "PerLeaf":
+    """Norms from sums of squares (RMS from mean squares)."""
+    return PerLeaf(jnp.sqrt(self.values), self.names)
+
+  def count_below(self, level: Any = 1) -> jax.Array:
+    """How many entries are below ``level`` (scales: leaves clipped)."""
+    return jnp.sum(self.values < level, dtype=jnp.int32)
+
+  def __repr__(self) -> str:
+    return f"PerLeaf({self.values!r}, names=<{len(self.names)}>)"
+
+
+def _is_variable(x: Any) -> bool:
+  return type(x).__module__.startswith("flax") and hasattr(x, "get_value")
+
+
+def unwrap(tree: Any) -> Any:
+  """Replaces Flax NNX variables by the arrays they hold (so params given
+  as ``nnx.State`` of variables and gradients of plain arrays name their
+  leaves alike)."""
+  return jax.tree.map(lambda v: v.get_value() if _is_variable(v) else v, tree,
+                      is_leaf=_is_variable)
+
+
+def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
+  """``(name, leaf)`` pairs in ``jax.tree.leaves`` order; names as
+  ``"layer1/w"`` (``jax.tree_util.keystr`` with ``/``), ``"."`` for a bare
+  array."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(unwrap(tree))
+  return [(keystr(p, simple=True, separator="/") or ".", x) for p, x in flat]
+
+
+class Layout(NamedTuple):
+  """Static description of a tree's segments: per leaf, its layer axis (or
+  None) and its number of segments; and every segment's name."""
+  axes: tuple[int | None, ...]
+  counts: tuple[int, ...]
+  names: tuple[str, ...]
+
+  @property
+  def size(self) -> int:
+    return len(self.names)
+
+
+def _axis_of(name: str, leaf: Any, axis: Any) -> int | None:
+  if axis is None:
+    return None
+  if isinstance(axis, bool) or not isinstance(axis, int):
+    raise TypeError(f"layer_axes must give an int or None for each leaf, got "
+                    f"{axis!r} for {name!r}")
+  ndim = jnp.ndim(leaf)
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"layer_axes: axis {axis} is out of range for leaf "
+                     f"{name!r} of shape {jnp.shape(leaf)}")
+  return axis % ndim
+
+
+def _prefix_axes(tree: Any, layer_axes: Any) -> list[Any]:
+  is_spec = lambda x: x is None or isinstance(x, int)
+  try:
+    full = jax.tree.map(lambda a, sub: jax.tree.map(lambda _: (a,), sub),
+                        layer_axes, tree, is_leaf=is_spec)
+  except (ValueError, TypeError) as e:
+    raise ValueError("layer_axes must be a callable (name, leaf) -> int | None "
+                     "or a pytree prefix of the params holding ints or None; "
+                     f"it does not match the tree: {e}") from None
+  return [a[0] for a in jax.tree.leaves(full, is_leaf=lambda x: isinstance(x, tuple))]
+
+
+def check_layer_axes(layer_axes: Any) -> Any:
+  """Construction-time check of a ``layer_axes`` argument (see :func:`layout`)."""
+  if layer_axes is None or callable(layer_axes):
+    return layer_axes
+  for a in jax.tree.leaves(layer_axes):
+    if isinstance(a, bool) or not isinstance(a, int):
+      raise TypeError("layer_axes must be None, a callable (name, leaf) -> "
+                      f"int | None, or a pytree of ints/None; found {a!r}")
+  return layer_axes
+
+
+def layout(tree: Any, layer_axes: LayerAxes = None) -> Layout:
+  """The segments of ``tree``: one per leaf, or one per slice along the
+  leaf's layer axis where ``layer_axes`` gives one.
+
+  ``layer_axes``: None (no layer axes), a callable ``(name, leaf) -> int |
+  None`` with ``name`` as :func:`leaf_paths` writes it, or a pytree prefix
+  of ``tree`` holding ints or None.
+  """
+  tree = unwrap(tree)
+  pairs = leaf_paths(tree)
+  if layer_axes is None:
+    specs: Sequence[Any] = [None] * len(pairs)
+  elif callable(layer_axes):
+    specs = [layer_axes(n, x) for n, x in pairs]
+  else:
+    specs = _prefix_axes(tree, layer_axes)
+  axes, counts, names = [], [], []
+  for (name, x), spec in zip(pairs, specs):
+    a = _axis_of(name, x, spec)
+    axes.append(a)
+    if a is None:
+      counts.append(1)
+      names.append(name)
+    else:
+      n = jnp.shape(x)[a]
+      counts.append(n)
+      names += [f"{name}[{i}]" for i in range(n)]
+  return Layout(tuple(axes), tuple(counts), tuple(names))
+
+
+def check_names(layout_: Layout, stored: PerLeaf, what: str) -> None:
+  """Raises if the update tree's segments differ from those ``init`` saw."""
+  if layout_.names != stored.names:
+    diff = sorted(set(layout_.names) ^ set(stored.names))[:4]
+    raise ValueError(
+        f"{what}: the updates' tree structure differs from the params given "
+        f"to init ({len(layout_.names)} vs {len(stored.names)} leaves/slices; "
+        f"e.g. {diff or 'a different order'}); re-initialise the optimizer "
+        "state for the new structure")
+
+
+def reduce_axes(x: Any, axis: int | None) -> tuple[int, ...] | None:
+  """Axes a per-segment reduction of ``x`` runs over (None: all)."""
+  if axis is None:
+    return None
+  return tuple(i for i in range(jnp.ndim(x)) if i != axis)
+
+
+def broadcast(v: jax.Array, x: Any, axis: int | None) -> jax.Array:
+  """A per-leaf figure (scalar, or ``(L,)`` along ``axis``) shaped to
+  broadcast against ``x``."""
+  if axis is None:
+    return v
+  shape = [1] * jnp.ndim(x)
+  shape[axis] = -1
+  return v.reshape(shape)
+
+
+def stack(parts: Sequence[jax.Array], dtype: Any = jnp.float32) -> jax.Array:
+  """Per-leaf figures (scalars or ``(L,)`` vectors) as one ``(S,)`` vector."""
+  if not parts:
+    return jnp.zeros((0,), dtype)
+  return jnp.concatenate([jnp.reshape(p, (-1,)).astype(dtype) for p in parts])
+
+
+def split(v: jax.Array, layout_: Layout) -> list[jax.Array]:
+  """Inverse of :func:`stack`: scalars or ``(L,)`` slices of ``v``."""
+  out, i = [], 0
+  for a, n in zip(layout_.axes, layout_.counts):
+    out.append(v[i] if a is None else v[i:i + n])
+    i += n
+  return out
+
+
+def zeros(layout_: Layout, dtype: Any = jnp.float32, fill: Any = 0) -> PerLeaf:
+  return PerLeaf(jnp.full((layout_.size,), fill, dtype), layout_.names)

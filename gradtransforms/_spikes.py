@@ -1,0 +1,174 @@
+"""The spike-detection engine shared by ``detect_spikes`` and ``guard``.
+
+One pass over the gradients gives the per-leaf (per layer slice) sums of
+squares as one stacked vector; everything else (global norm, z-scores,
+culprit, first non-finite leaf) is scalar and vector arithmetic on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gradtransforms import _checks, _layout, _norms, _stats, _xla
+from gradtransforms._layout import LayerAxes, PerLeaf
+from gradtransforms._registry import info, register
+
+_I32, _F32 = jnp.int32, jnp.float32
+
+
+@register("detect_spikes", (
+    "step", "norm", "loss", "norm_zscore", "loss_zscore", "norm_spike",
+    "loss_spike", "nonfinite", "norm_spike_count", "loss_spike_count",
+    "nonfinite_count", "culprit", "culprit_step", "first_nonfinite_step",
+    "first_nonfinite_leaf", "nonfinite_since"), {
+        "global_norm": "norm", "loss": "loss", "culprit": "culprit",
+        "culprit_step": "culprit_step",
+        "first_nonfinite_leaf": "first_nonfinite_leaf",
+        "first_nonfinite_step": "first_nonfinite_step"})
+class DetectSpikesState(NamedTuple):
+  """Detector state.
+
+  Statistics: ``norm_stats`` (of ``log ||g||``), ``loss_stats``, and per
+  leaf (per layer slice) the EMA of ``log ||g_i||`` (``leaf_log_mean``) and
+  how many positive, finite norms it has seen (``leaf_observed``), stacked
+  vectors. Figures of the last step: ``norm``, ``loss`` (NaN if none was
+  passed), z-scores (0 during warm-up), flags. Counts so far. Step indices
+  are 0-based indices of ``update`` calls (``step`` counts the calls):
+  ``culprit`` is the segment whose log-norm rose most over its own mean at
+  the last spike or non-finite step (non-finite segments first, zero or
+  empty ones never; -1: none yet), ``culprit_step`` that step; the first
+  step with a non-finite gradient and its lowest-index non-finite segment;
+  ``nonfinite_since``, per segment, the first step it was non-finite (-1:
+  never). Names of segments: ``gt.culprits(state)``.
+  """
+  step: jax.Array
+  norm_stats: _stats.SeriesStats
+  loss_stats: _stats.SeriesStats
+  leaf_log_mean: PerLeaf
+  leaf_observed: PerLeaf
+  norm: jax.Array
+  loss: jax.Array
+  norm_zscore: jax.Array
+  loss_zscore: jax.Array
+  norm_spike: jax.Array
+  loss_spike: jax.Array
+  nonfinite: jax.Array
+  norm_spike_count: jax.Array
+  loss_spike_count: jax.Array
+  nonfinite_count: jax.Array
+  culprit: jax.Array
+  culprit_step: jax.Array
+  first_nonfinite_step: jax.Array
+  first_nonfinite_leaf: jax.Array
+  nonfinite_since: PerLeaf
+
+
+def init_state(params: Any, layer_axes: LayerAxes = None) -> DetectSpikesState:
+  lay = _layout.layout(params, layer_axes)
+  z, f, i = jnp.zeros((), _F32), jnp.zeros((), jnp.bool_), jnp.zeros((), _I32)
+  neg = jnp.full((), -1, _I32)
+  return _xla.fresh(DetectSpikesState(
+      step=i, norm_stats=_stats.series_init(), loss_stats=_stats.series_init(),
+      leaf_log_mean=_layout.zeros(lay), leaf_observed=_layout.zeros(lay, _I32),
+      norm=z, loss=jnp.full((), jnp.nan, _F32), norm_zscore=z, loss_zscore=z,
+      norm_spike=f, loss_spike=f, nonfinite=f, norm_spike_count=i,
+      loss_spike_count=i, nonfinite_count=i, culprit=neg, culprit_step=neg,
+      first_nonfinite_step=neg, first_nonfinite_leaf=neg,
+      nonfinite_since=_layout.zeros(lay, _I32, fill=-1)))
+
+
+def scalar_loss(value: Any, what: str) -> jax.Array:
+  """The ``value=`` extra argument as a float32 scalar, or a clear error."""
+  v = jnp.asarray(value)
+  if v.size != 1:
+    raise ValueError(f"{what}: value= must be the scalar loss, got an array of "
+                     f"shape {v.shape}")
+  return v.astype(_F32).reshape(())
+
+
+def rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes
+         ) -> dict[str, Any]:
+  """Validates the spike rule's arguments; returns :func:`observe`'s kwargs."""
+  _checks.positive("z_thresh", z_thresh)
+  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1,
+                                  static=False)
+  _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
+  loss_z_thresh = z_thresh if loss_z_thresh is None else loss_z_thresh
+  _checks.positive("loss_z_thresh", loss_z_thresh)
+  return dict(z_thresh=z_thresh, loss_z_thresh=loss_z_thresh,
+              warmup_steps=warmup_steps, decay=decay, axis_name=axis_name,
+              layer_axes=_layout.check_layer_axes(layer_axes))
+
+
+def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
+            loss_z_thresh: Any, warmup_steps: int, decay: Any,
+            axis_name: str | None, layer_axes: LayerAxes,
+            what: str = "detect_spikes") -> DetectSpikesState:
+  """One detection step (pure)."""
+  leaves = jax.tree.leaves(updates)
+  lay = _layout.layout(updates, layer_axes)
+  _layout.check_names(lay, state.leaf_log_mean, what)
+  sq = _layout.stack(_norms.leaf_sumsq(leaves, lay, axis_name))
+  n = jnp.sqrt(jnp.sum(sq))
+  finite = jnp.isfinite(n)
+  norm_stats, norm_z, norm_spike = _stats.series_observe(
+      state.norm_stats, jnp.log(n), decay, z_thresh, warmup_steps)
+  if loss is None:
+    loss = jnp.full((), jnp.nan, _F32)
+    loss_stats, loss_z = state.loss_stats, jnp.zeros((), _F32)
+    loss_spike, nonfinite = jnp.zeros((), jnp.bool_), ~finite
+  else:
+    loss = scalar_loss(loss, what)
+    loss_stats, loss_z, loss_spike = _stats.series_observe(
+        state.loss_stats, loss, decay, loss_z_thresh, warmup_steps)
+    nonfinite = ~finite | ~jnp.isfinite(loss)
+  at = state.step  # this step's index
+
+  # Layer attribution, on the stacked per-segment vector.
+  bad_leaf = ~jnp.isfinite(sq)
+  pos = (sq > 0) & ~bad_leaf
+  log_leaf = 0.5 * jnp.log(jnp.where(pos, sq, 1.0))
+  mean, seen = state.leaf_log_mean.values, state.leaf_observed.values
+  growth = jnp.where(bad_leaf, jnp.inf,
+                     jnp.where(pos & (seen > 0), log_leaf - mean, -jnp.inf))
+  event = (norm_spike | nonfinite) & jnp.any(bad_leaf | (pos & (seen > 0)))
+  k = seen.astype(_F32)
+  a = jnp.minimum(jnp.asarray(decay, _F32), k / (k + 1.0))
+  fold = pos & ~norm_spike
+  new_mean = jnp.where(fold, a * mean + (1 - a) * log_leaf, mean)
+  new_seen = jnp.where(fold, _stats.inc(seen), seen)
+  since = state.nonfinite_since.values
+  since = jnp.where(bad_leaf & (since < 0), at, since)
+  first_now = ~finite & (state.first_nonfinite_step < 0)
+  if lay.size:
+    culprit = jnp.where(event, jnp.argmax(growth).astype(_I32), state.culprit)
+    first_leaf = jnp.where(first_now, jnp.argmax(bad_leaf).astype(_I32),
+                           state.first_nonfinite_leaf)
+  else:
+    culprit, first_leaf = state.culprit, state.first_nonfinite_leaf
+  return DetectSpikesState(
+      step=_stats.inc(state.step), norm_stats=norm_stats, loss_stats=loss_stats,
+      leaf_log_mean=state.leaf_log_mean.replace(new_mean),
+      leaf_observed=state.leaf_observed.replace(new_seen), norm=n, loss=loss,
+      norm_zscore=norm_z, loss_zscore=loss_z, norm_spike=norm_spike,
+      loss_spike=loss_spike, nonfinite=nonfinite,
+      norm_spike_count=_stats.inc(state.norm_spike_count, norm_spike),
+      loss_spike_count=_stats.inc(state.loss_spike_count, loss_spike),
+      nonfinite_count=_stats.inc(state.nonfinite_count, nonfinite),
+      culprit=culprit, culprit_step=jnp.where(event, at, state.culprit_step),
+      first_nonfinite_step=jnp.where(first_now, at, state.first_nonfinite_step),
+      first_nonfinite_leaf=first_leaf,
+      nonfinite_since=state.nonfinite_since.replace(since))
+
+
+def event_figures(state: Any) -> dict[str, jax.Array]:
+  """A registered state's scalar figures (per-leaf ones left out), for
+  ``on_event``; ``step`` is given as the 0-based index of the step."""
+  figs = {f: getattr(state, f) for f in info(type(state)).figures}
+  figs = {k: v for k, v in figs.items() if not isinstance(v, PerLeaf)}
+  if "step" in figs:
+    figs["step"] = figs["step"] - 1
+  return figs

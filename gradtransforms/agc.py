@@ -1,0 +1,168 @@
+"""Unit-wise adaptive gradient clipping (AGC)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradtransforms import _checks, _layout, _norms, _xla
+from gradtransforms._registry import register
+
+# optax's unitwise_clip: "prevents division by zero", never the clip level.
+_DIV_EPS = 1e-6
+
+
+@register("adaptive_grad_clip", ("clip_fraction", "clipped_units", "clipped"),
+          {"clipped": "clipped"})
+class AdaptiveGradClipState(NamedTuple):
+  """Figures of the last step.
+
+  ``clip_fraction``: per leaf, the fraction of its units whose gradient norm
+  exceeded the bound (a :class:`~gradtransforms._layout.PerLeaf` vector,
+  ``gt.metrics(state, per_leaf=True)``); ``clipped_units``: the number of
+  clipped units over all leaves; ``clipped``: ``clipped_units > 0``.
+  """
+  clip_fraction: _layout.PerLeaf
+  clipped_units: jax.Array
+
+  @property
+  def clipped(self) -> jax.Array:
+    return self.clipped_units > 0
+
+
+def _check_axis(axis: Any) -> int | tuple[int, ...] | None:
+  """Construction-time check of ``axis``: None, an int or a sequence of ints."""
+  if axis is None:
+    return None
+  items: Sequence[Any] = axis if isinstance(axis, (tuple, list)) else (axis,)
+  for a in items:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+      raise TypeError(f"axis must be None, an int or a tuple of ints, got "
+                      f"{axis!r}")
+  if isinstance(axis, (tuple, list)):
+    return tuple(int(a) for a in axis)
+  return int(axis)
+
+
+def _unit_axes(name: str, x: Any, axis: int | tuple[int, ...] | None
+               ) -> tuple[int, ...]:
+  """The axes a unit's norm sums over: optax's ``unitwise_norm`` convention.
+
+  With ``axis``: those axes. Otherwise, by rank: a leaf that is a scalar or
+  a vector after squeezing (``()``, ``(n,)``, ``(1, n)``, ``(n, 1, 1)``...)
+  is one unit; rank 2 and 3 sum over axis 0 (``(in, out)``, multi-head
+  ``(in, heads, out)``); rank 4 over ``(0, 1, 2)`` (HWIO convolutions);
+  rank 5 over ``(0, 1, 2, 3)`` (DHWIO); rank 6+ needs ``axis``.
+  """
+  shape = jnp.shape(x)
+  ndim = len(shape)
+  if axis is not None:
+    items = axis if isinstance(axis, tuple) else (axis,)
+    if any(not -ndim <= a < ndim for a in items):
+      raise ValueError(f"adaptive_grad_clip: axis={axis!r} is out of range "
+                       f"for leaf {name!r} of shape {shape}")
+    out = tuple(sorted({a % ndim for a in items}))
+    if len(out) != len(items):
+      raise ValueError(f"adaptive_grad_clip: axis={axis!r} repeats an axis of "
+                       f"leaf {name!r} of shape {shape}")
+    return out
+  if sum(d != 1 for d in shape) <= 1:  # jnp.squeeze(x).ndim <= 1
+    return tuple(range(ndim))
+  if ndim in (2, 3):
+    return (0,)
+  if ndim == 4:
+    return (0, 1, 2)
+  if ndim == 5:
+    return (0, 1, 2, 3)
+  raise ValueError(
+      f"adaptive_grad_clip: leaf {name!r} has shape {shape}; without axis= "
+      "leaves of rank <= 5 are supported (as optax); pass axis= to choose the "
+      "reduction axes")
+
+
+def _unit_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  x = x.astype(_norms.acc_dtype(x))
+  return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+
+
+def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
+                       axis: int | tuple[int, ...] | None = None
+                       ) -> optax.GradientTransformation:
+  """Unit-wise adaptive gradient clipping (AGC).
+
+  For each unit ``j`` of each leaf, with ``W`` the params:
+  ``m_j = clipping * max(||W_j||, eps)``; where ``||g_j|| >= m_j``,
+  ``g_j <- g_j * m_j / max(||g_j||, 1e-6)``. Brock et al., 2021,
+  "High-Performance Large-Scale Image Recognition Without Normalization".
+  The same numbers as ``optax.adaptive_grad_clip(clipping, eps, axis)``
+  (0.2.8) for finite input, including its units: a unit is a slice along
+  the axes *not* summed over; without ``axis`` a leaf that squeezes to a
+  scalar or vector (``(1, n)`` included) is one unit, rank 2-3 leaves sum
+  over axis 0, rank 4 over ``(0, 1, 2)``, rank 5 over ``(0, 1, 2, 3)``;
+  rank 6+ needs ``axis``. Norms accumulate in float32 for float16/bfloat16
+  leaves, whose dtype is kept.
+
+  Under ``shard_map`` a leaf may be split along a unit axis with no
+  communication; splitting it along a summed axis would need the unit norms
+  summed across shards, which this transform does not do (use ``jit`` with
+  ``NamedSharding`` instead, where XLA inserts the reductions).
+
+  Non-finite input (where optax would write NaN): a unit whose gradient norm
+  is Inf/NaN, or whose parameter norm is NaN, passes unchanged for a guard
+  to see. Zeros: a zero gradient stays zero; zero parameters are floored at
+  ``eps``, so zero-initialised units can move. Empty trees and zero-size
+  leaves pass through (a zero-size leaf has no units).
+
+  State: :class:`AdaptiveGradClipState` (one per-leaf float32 vector and one
+  scalar, whatever the number of leaves).
+
+  Args:
+    clipping: the ratio of gradient to parameter norm allowed, >= 0;
+      ``inf`` never clips.
+    eps: the floor of the parameter norm, >= 0.
+    axis: None (optax's convention by rank, above), an int or a tuple of
+      ints: the axes each unit's norm sums over, for every leaf.
+  """
+  _checks.bound("clipping", clipping)
+  _checks.nonnegative("eps", eps)
+  axis = _check_axis(axis)
+
+  @_xla.fresh_state
+  def init_fn(params):
+    return AdaptiveGradClipState(
+        clip_fraction=_layout.zeros(_layout.layout(params)),
+        clipped_units=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    _checks.needs_params("adaptive_grad_clip", params)
+    _checks.float_leaves("updates", updates)
+    lay = _layout.layout(updates)
+    _layout.check_names(lay, state.clip_fraction, "adaptive_grad_clip")
+    leaves, treedef = jax.tree.flatten(updates)
+    p_leaves = treedef.flatten_up_to(params)
+    out, counts, units = [], [], []
+    for name, g, p in zip(lay.names, leaves, p_leaves):
+      if jnp.shape(g) != jnp.shape(p):
+        raise ValueError(f"adaptive_grad_clip: update {name!r} has shape "
+                         f"{jnp.shape(g)} but its param has {jnp.shape(p)}")
+      axes = _unit_axes(name, g, axis)
+      g_norm, p_norm = _unit_norm(g, axes), _unit_norm(p, axes)
+      max_norm = clipping * jnp.maximum(p_norm, eps)
+      # optax: where(g_norm < max_norm, g, g * max_norm / max(g_norm, 1e-6)).
+      act = jnp.isfinite(g_norm) & ~(g_norm < max_norm) & ~jnp.isnan(max_norm)
+      s = jnp.where(act, max_norm / jnp.maximum(g_norm, _DIV_EPS), 1.0)
+      out.append(_norms.scale(g, s))
+      counts.append(jnp.sum(act & (g_norm > max_norm), dtype=jnp.int32))
+      units.append(max(int(np.prod(g_norm.shape)), 1))
+    counts_v = _layout.stack(counts, jnp.int32)
+    frac = counts_v.astype(jnp.float32) / jnp.asarray(units, jnp.float32)
+    new_state = AdaptiveGradClipState(
+        clip_fraction=state.clip_fraction.replace(frac),
+        clipped_units=jnp.sum(counts_v, dtype=jnp.int32))
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
