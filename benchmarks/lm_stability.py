@@ -67,7 +67,7 @@ KEYS = {
     "guard_culprit_step": "detect_spikes/culprit_step",
     "clip_scale": "clip_by_global_norm/scale",         # < 1: clipped
     "zclip_clipped": "zclip/clipped",
-    "adagc_scale": "adagc/scale/",                     # prefix of per-leaf keys
+    "adagc_clipped": "adagc/clipped",                  # leaves scaled down
     "autoclip_clipped": "autoclip/clipped",
     "spike_clip_clipped": "spike_clip/clipped",
 }
@@ -87,9 +87,13 @@ def _metric(state, key: str) -> jax.Array:
 
 
 def _adagc_clipped(state, norm) -> jax.Array:
-  scales = [v for k, v in gt.metrics(state).items()
-            if k.startswith(KEYS["adagc_scale"])]
-  return jnp.min(jnp.stack(scales)) < 1.0
+  return _metric(state, "adagc_clipped") > 0
+
+
+def stacked_blocks(name: str, leaf: Any) -> int | None:
+  """``layer_axes`` for ``TransformerLM``: every leaf under ``blocks`` holds
+  its layers on axis 0, so per-leaf figures and culprits are per layer."""
+  return 0 if name.startswith("blocks/") else None
 
 
 def _baseline_skipped(state, norm) -> jax.Array:
@@ -125,7 +129,8 @@ def methods(window: int) -> dict[str, Method]:
       Method("gt.spike_clip", chain(gt.spike_clip()),
              lambda s, n: _metric(s, "spike_clip_clipped"), "clip"),
       Method("gt.guard",
-             lambda inner: gt.guard(inner, on=("spike", "loss_spike")),
+             lambda inner: gt.guard(inner, on=("spike", "loss_spike"),
+                                    layer_axes=stacked_blocks),
              lambda s, n: _metric(s, "guard_bad"), "skip"),
       Method("olmo", lambda inner: rules.olmo_skip_step(inner, window),
              _baseline_skipped, "skip"),
@@ -732,9 +737,10 @@ def markdown(res: dict, rows: list[dict], elapsed: float) -> str:
       "trailing mean of the training loss is within 1% of the clean run's and "
       "stays there; skipped after: steps the method skipped or clipped after "
       "the fault (in the clean run over the same steps). Blamed by the method: "
-      "the leaf `gt.culprits` names for gt.guard (a stacked leaf covers all "
-      "layers); layer by per-layer norms: the layer whose gradient norm grew "
-      "most at the fault step, from the benchmark's own per-layer record.",
+      "the layer slice `gt.culprits` names for gt.guard (run with "
+      "`layer_axes=0` on the stacked blocks); layer by per-layer norms: the "
+      "layer whose gradient norm grew most at the fault step, from the "
+      "benchmark's own per-layer record.",
       "", fault_table(res["faults"]), "",
       "## Step-time overhead", "", timing_table(res["timing"]), "",
       "## Baselines restated", "",
