@@ -67,7 +67,7 @@ KEYS = {
     "guard_culprit_step": "detect_spikes/culprit_step",
     "clip_scale": "clip_by_global_norm/scale",         # < 1: clipped
     "zclip_clipped": "zclip/clipped",
-    "adagc_scale": "adagc/scale/",                     # prefix of per-leaf keys
+    "adagc_clipped": "adagc/clipped",                  # leaves scaled down
     "autoclip_clipped": "autoclip/clipped",
     "spike_clip_clipped": "spike_clip/clipped",
 }
@@ -87,9 +87,13 @@ def _metric(state, key: str) -> jax.Array:
 
 
 def _adagc_clipped(state, norm) -> jax.Array:
-  scales = [v for k, v in gt.metrics(state).items()
-            if k.startswith(KEYS["adagc_scale"])]
-  return jnp.min(jnp.stack(scales)) < 1.0
+  return _metric(state, "adagc_clipped") > 0
+
+
+def stacked_blocks(name: str, leaf: Any) -> int | None:
+  """``layer_axes`` for ``TransformerLM``: every leaf under ``blocks`` holds
+  its layers on axis 0, so per-leaf figures and culprits are per layer."""
+  return 0 if name.startswith("blocks/") else None
 
 
 def _baseline_skipped(state, norm) -> jax.Array:
@@ -125,7 +129,8 @@ def methods(window: int) -> dict[str, Method]:
       Method("gt.spike_clip", chain(gt.spike_clip()),
              lambda s, n: _metric(s, "spike_clip_clipped"), "clip"),
       Method("gt.guard",
-             lambda inner: gt.guard(inner, on=("spike", "loss_spike")),
+             lambda inner: gt.guard(inner, on=("spike", "loss_spike"),
+                                    layer_axes=stacked_blocks),
              lambda s, n: _metric(s, "guard_bad"), "skip"),
       Method("olmo", lambda inner: rules.olmo_skip_step(inner, window),
              _baseline_skipped, "skip"),
@@ -666,7 +671,8 @@ def sweep_table(rows: list[dict], rates) -> str:
 def fault_table(faults: list[dict]) -> str:
   out = ["| method | fault | acted at fault | loss at fault (nats) | recovery (steps) | "
          "final bits/byte (clean) | skipped after (clean run) | NaN in params / "
-         "state | blamed |", "|---|---|---|---:|---:|---:|---:|---|---|"]
+         "state | blamed by the method | layer by per-layer norms |",
+         "|---|---|---|---:|---:|---:|---:|---|---|---:|"]
   for f in faults:
     rec = "never" if f["recovery_steps"] is None else str(f["recovery_steps"])
     nan = (("no" if f["params_finite"] else "**yes**") + " / " +
@@ -676,7 +682,8 @@ def fault_table(faults: list[dict]) -> str:
         f"| {f['method']} | {f['fault']} | {'yes' if f['acted_at_fault'] else 'no'}"
         f" | {_f(f['loss_at_fault'], '.2f')} | {rec} | {_f(f['final_bpb'])} "
         f"({_f(f['clean_final_bpb'])}) | {f['skipped_after']} "
-        f"({f['clean_skipped_after']}) | {nan} | {blamed} |")
+        f"({f['clean_skipped_after']}) | {nan} | {blamed} | "
+        f"{f['layer_by_per_layer_norms']} |")
   return "\n".join(out)
 
 
@@ -729,8 +736,11 @@ def markdown(res: dict, rows: list[dict], elapsed: float) -> str:
       f"byte {REPEATED_BYTE} repeated. Recovery: steps until the 10-step "
       "trailing mean of the training loss is within 1% of the clean run's and "
       "stays there; skipped after: steps the method skipped or clipped after "
-      "the fault (in the clean run over the same steps). Blamed: the leaf "
-      "`gt.culprits` names for gt.guard (a stacked leaf covers all layers).",
+      "the fault (in the clean run over the same steps). Blamed by the method: "
+      "the layer slice `gt.culprits` names for gt.guard (run with "
+      "`layer_axes=0` on the stacked blocks); layer by per-layer norms: the "
+      "layer whose gradient norm grew most at the fault step, from the "
+      "benchmark's own per-layer record.",
       "", fault_table(res["faults"]), "",
       "## Step-time overhead", "", timing_table(res["timing"]), "",
       "## Baselines restated", "",
@@ -829,8 +839,9 @@ def plot_layers(res: dict, out: Path, method: str = "none") -> None:
   plt.close(fig)
 
 
-def to_json(res: dict, rows: list[dict]) -> dict:
+def to_json(res: dict, rows: list[dict], elapsed: float) -> dict:
   out = {k: v for k, v in res.items() if not k.startswith("_")}
+  out["elapsed_s"] = elapsed
   out["summary"] = [dict(r, by_lr={str(k): v for k, v in r["by_lr"].items()})
                     for r in rows]
   return out
@@ -846,7 +857,7 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   (out / "lm_stability.md").write_text(markdown(res, rows, elapsed))
   (out / "lm_stability.json").write_text(json.dumps(
-      to_json(res, rows), indent=1, default=float))
+      to_json(res, rows, elapsed), indent=1, default=float))
   plot(res, rows, out / "lm_stability.png")
   plot_layers(res, out / "lm_stability_layers.png")
   print(headline_table(rows))
