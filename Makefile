@@ -36,10 +36,11 @@ typecheck: $(TEST)
 docs: $(TEST)
 	$(PY) docs/build.py docs/api
 
-# The long runs (about 40 minutes on 2 cores): rewrite benchmarks/results/.
+# The long runs (about an hour on 2 cores): rewrite benchmarks/results/.
 bench: $(DEMO)
 	$(PY) -m gradtransforms bench overhead --stacked --out benchmarks/results
 	$(PY) -m gradtransforms bench stability --out benchmarks/results
+	$(PY) benchmarks/lm_stability.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/api .mypy_cache
