@@ -11,6 +11,7 @@ import pytest
 from conftest import np_global_norm, np_leaves, random_tree
 
 import gradtransforms as gt
+from gradtransforms.catalogue import CATALOGUE
 
 # A norm sequence with a slow drift, noise, and planted spikes at 30 and 41.
 _rng = np.random.default_rng(7)
@@ -303,13 +304,8 @@ def test_quantile_clip_matches_reference_and_tracks_quantile():
 
 # --- shared properties --------------------------------------------------------------
 
-ADAPTIVE = {
-    "autoclip": lambda: gt.autoclip(history=32),
-    "zclip": lambda: gt.zclip(warmup_steps=3),
-    "adagc": lambda: gt.adagc(warmup_steps=2),
-    "quantile_clip": gt.quantile_clip,
-    "spike_clip": gt.spike_clip,
-}
+ADAPTIVE = {k: e.test for k, e in CATALOGUE.items()
+            if e.group == "adaptive" and e.placement == "before"}
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTIVE))

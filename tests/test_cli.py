@@ -118,27 +118,6 @@ def test_demo_names_need_no_quoting_and_match_the_cli():
   assert set(overhead.NAMES) - {overhead.REFERENCE} <= set(CATALOGUE)
 
 
-def test_demo_methods_are_the_transforms_they_replace():
-  """Same updates, step for step, as the hand-built optimizers of 0.1.0."""
-  old = pytest.importorskip("gradtransforms.tasks.scenarios")
-  if not hasattr(old, "METHODS"):
-    pytest.skip("tasks.scenarios.METHODS is gone")
-  params = random_tree(0)
-  for old_name, new_name in methods.OLD_NAMES.items() | {("zclip", "zclip"),
-                                                         ("adagc", "adagc"),
-                                                         ("none", "none")}:
-    a = optax.with_extra_args_support(old.METHODS[old_name](optax.sgd(0.1, 0.9)))
-    b = optax.with_extra_args_support(methods.build(new_name, optax.sgd(0.1, 0.9)))
-    sa, sb = a.init(params), b.init(params)
-    for i in range(8):
-      g = random_tree(i + 1, scale=10.0 ** (i % 3))
-      loss = jnp.float32(i + 1.0)
-      ua, sa = a.update(g, sa, params, value=loss)
-      ub, sb = b.update(g, sb, params, value=loss)
-      for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
-        np.testing.assert_array_equal(x, y, err_msg=f"{old_name} vs {new_name}")
-
-
 # --- tables and progress -----------------------------------------------------
 
 def test_markdown_table():

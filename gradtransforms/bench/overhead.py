@@ -372,12 +372,17 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
                        r["group"] for r in rows if r["method"] == m)), 9)))
   y = {m: i for i, m in enumerate(methods)}
   n = len(panels)
-  fig, axes = plt.subplots(1, n, figsize=(max(2.5 * n + 1.6, 6.5),
-                                          0.3 * len(methods) + 1.6),
+  ncols = min(n, 4)  # wrap: readable at README width
+  nrows = -(-n // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(
+      max(2.5 * ncols + 1.6, 6.5),
+      nrows * ((0.3 if nrows == 1 else 0.25) * len(methods) + 1.2) + 0.3),
                            sharey=True, squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.set_visible(False)
   cmap = plt.get_cmap("viridis")
   xmax_cap = 3.0
-  for ax, (label, prs) in zip(axes[0], panels.items()):
+  for ax, (label, prs) in zip(axes.flat, panels.items()):
     series = list(dict.fromkeys(
         r["workload"].split(" train step")[0] if _kind(r) == "model"
         else f"{r['leaves']} leaves" for r in prs))
@@ -421,7 +426,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     ax.legend(handles, series + ["optax equivalent"], fontsize=6.5,
               loc="lower right", frameon=True, framealpha=0.9)
   axes[0, 0].set_yticks(range(len(methods)), methods)
-  axes[0, 0].invert_yaxis()
+  axes[0, 0].invert_yaxis()  # sharey: every row follows
   fig.suptitle(title or "Step time with Adam / Adam alone (> at the edge: "
                "beyond 3x)", fontsize=9.5, x=0.02, ha="left")
   fig.tight_layout()

@@ -36,11 +36,6 @@ METHODS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
 ``adagc(warmup_steps=20)``, ``guard(on=("spike", "loss_spike"),
 warmup_steps=5)``."""
 
-OLD_NAMES = {"global_norm(1)": "clip_by_global_norm",
-             "autoclip(p10)": "autoclip", "guard(spike)": "guard",
-             "global_norm+guard": "clip_by_global_norm+guard"}
-"""Names used in results written before 0.2.0 -> today's names."""
-
 FOCUS: dict[str, tuple[str, ...]] = {
     "mlp16-sigmoid": ("none",),
     "mlp16-sigmoid-batchnorm": ("none",),
@@ -53,7 +48,7 @@ and over-tight-clip scenarios are about the model or the clip, not about
 comparing every method, so they run few (cheap) cells. Other scenarios run
 every method."""
 
-__all__ = ["FOCUS", "METHODS", "OLD_NAMES", "SCENARIOS", "build", "pairs",
+__all__ = ["FOCUS", "METHODS", "SCENARIOS", "build", "pairs",
            "run", "summarize"]
 
 

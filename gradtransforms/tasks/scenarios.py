@@ -14,7 +14,6 @@ from flax import nnx
 import gradtransforms as gt
 from gradtransforms.models import LSTM, DeepMLP, ElmanRNN
 from gradtransforms.tasks.synthetic import Task, addition, corrupted, deep_regression
-from gradtransforms.tasks.training import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,32 +83,6 @@ def _scenarios() -> dict[str, Scenario]:
 
 
 SCENARIOS: dict[str, Scenario] = _scenarios()
-
-# Each method wraps the scenario's base optimizer.
-METHODS: dict[str, Callable[[optax.GradientTransformation],
-                            optax.GradientTransformation]] = {
-    "none": lambda opt: opt,
-    "global_norm(1)": lambda opt: optax.chain(gt.clip_by_global_norm(1.0), opt),
-    "autoclip(p10)": lambda opt: optax.chain(gt.autoclip(10.0, 1000), opt),
-    "zclip": lambda opt: optax.chain(gt.zclip(), opt),
-    "adagc": lambda opt: optax.chain(gt.adagc(warmup_steps=20), opt),
-    "guard(spike)": lambda opt: gt.guard(opt, on=("spike", "loss_spike"),
-                                         warmup_steps=5),
-    "global_norm+guard": lambda opt: gt.guard(
-        optax.chain(gt.clip_by_global_norm(1.0), opt),
-        on=("spike", "loss_spike"), warmup_steps=5),
-}
-
-
-def run(scenario: str, method: str, steps: int = 300, batch_size: int = 64,
-        seed: int = 0) -> dict[str, np.ndarray]:
-  """One training run; returns the per-step figures (``loss``,
-  ``monitor/norm``, ...)."""
-  sc = SCENARIOS[scenario]
-  tx = METHODS[method](sc.optimizer())
-  history, _ = train(sc.make_model(seed), tx, sc.task, steps, batch_size, seed)
-  return history
-
 
 def summarize(history: dict[str, np.ndarray]) -> dict[str, float]:
   """diverged (any non-finite loss), step of the first one, final loss (median
