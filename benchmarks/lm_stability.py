@@ -54,6 +54,7 @@ from flax import nnx
 import gradtransforms as gt
 from gradtransforms.models import TransformerLM
 from gradtransforms.models.transformer import param_count
+from gradtransforms.demo import tables
 from gradtransforms.tasks import corpus as corpus_lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -639,61 +640,58 @@ def _f(x, spec=".3f"):
   return format(x, spec)
 
 
+def _table(header: list[str], rows: list[list[str]], align: str) -> str:
+  """The project's markdown table (``gradtransforms.demo.tables``), cells
+  already formatted here."""
+  return tables.markdown(header, rows, align=align).rstrip("\n")
+
+
 def headline_table(rows: list[dict]) -> str:
-  out = ["| method | best LR | held-out bits/byte at best LR (seed spread) | "
-         "diverged runs | LR sensitivity | spike score (loss / norm) | "
-         "steps clipped or skipped per run | step time vs none |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    out.append(
-        f"| {r['method']} | {r['best_lr']:g} | {_f(r['best_bpb'])} "
-        f"(±{_f(r['best_spread'] and r['best_spread'] / 2, '.3f')}) | "
-        f"{r['diverged']}/{r['runs']} | "
-        f"{_f(r['lr_sensitivity'])} | {_f(r['spike_score'], '.1%')} / "
-        f"{_f(r['norm_spike_score'], '.1%')} | {r['acted_per_run']:.1f} | "
-        f"{_f(r['overhead'], '.2f')}x |")
-  return "\n".join(out)
+  return _table(
+      ["method", "best LR", "held-out bits/byte at best LR (seed spread)",
+       "diverged runs", "LR sensitivity", "spike score (loss / norm)",
+       "steps clipped or skipped per run", "step time vs none"],
+      [[r["method"], f"{r['best_lr']:g}",
+        f"{_f(r['best_bpb'])} "
+        f"(±{_f(r['best_spread'] and r['best_spread'] / 2, '.3f')})",
+        f"{r['diverged']}/{r['runs']}", _f(r["lr_sensitivity"]),
+        f"{_f(r['spike_score'], '.1%')} / {_f(r['norm_spike_score'], '.1%')}",
+        f"{r['acted_per_run']:.1f}", f"{_f(r['overhead'], '.2f')}x"]
+       for r in rows], "lrrrrrrr")
 
 
 def sweep_table(rows: list[dict], rates) -> str:
-  out = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
-         "|---|" + "---:|" * len(rates)]
-  for r in rows:
-    cells = []
-    for lr in rates:
-      c = r["by_lr"][lr]
-      s = f"{_f(c['mean'])} ({_f(c['min'], '.2f')}-{_f(c['max'], '.2f')})"
-      cells.append(s + (f" **{c['diverged']} div**" if c["diverged"] else ""))
-    out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-  return "\n".join(out)
+  def cell(c):
+    s = f"{_f(c['mean'])} ({_f(c['min'], '.2f')}-{_f(c['max'], '.2f')})"
+    return s + (f" **{c['diverged']} div**" if c["diverged"] else "")
+  return _table(["method", *(f"lr {lr:g}" for lr in rates)],
+                [[r["method"], *(cell(r["by_lr"][lr]) for lr in rates)]
+                 for r in rows], "l" + "r" * len(rates))
 
 
 def fault_table(faults: list[dict]) -> str:
-  out = ["| method | fault | acted at fault | loss at fault (nats) | recovery (steps) | "
-         "final bits/byte (clean) | skipped after (clean run) | NaN in params / "
-         "state | blamed by the method | layer by per-layer norms |",
-         "|---|---|---|---:|---:|---:|---:|---|---|---:|"]
-  for f in faults:
-    rec = "never" if f["recovery_steps"] is None else str(f["recovery_steps"])
-    nan = (("no" if f["params_finite"] else "**yes**") + " / " +
-           ("no" if f["state_finite"] else "**yes**"))
-    blamed = f["blamed_by_method"] or "-"
-    out.append(
-        f"| {f['method']} | {f['fault']} | {'yes' if f['acted_at_fault'] else 'no'}"
-        f" | {_f(f['loss_at_fault'], '.2f')} | {rec} | {_f(f['final_bpb'])} "
-        f"({_f(f['clean_final_bpb'])}) | {f['skipped_after']} "
-        f"({f['clean_skipped_after']}) | {nan} | {blamed} | "
-        f"{f['layer_by_per_layer_norms']} |")
-  return "\n".join(out)
+  yes = lambda bad: "**yes**" if bad else "no"
+  return _table(
+      ["method", "fault", "acted at fault", "loss at fault (nats)",
+       "recovery (steps)", "final bits/byte (clean)",
+       "skipped after (clean run)", "NaN in params / state",
+       "blamed by the method", "layer by per-layer norms"],
+      [[f["method"], f["fault"], "yes" if f["acted_at_fault"] else "no",
+        _f(f["loss_at_fault"], ".2f"),
+        "never" if f["recovery_steps"] is None else str(f["recovery_steps"]),
+        f"{_f(f['final_bpb'])} ({_f(f['clean_final_bpb'])})",
+        f"{f['skipped_after']} ({f['clean_skipped_after']})",
+        f"{yes(not f['params_finite'])} / {yes(not f['state_finite'])}",
+        f["blamed_by_method"] or "-", str(f["layer_by_per_layer_norms"])]
+       for f in faults], "lllrrrrllr")
 
 
 def timing_table(timing: dict) -> str:
-  out = ["| method | ms/step | ratio to none (min-max over rounds) |",
-         "|---|---:|---:|"]
-  for n, t in timing.items():
-    out.append(f"| {n} | {t['ms_per_step']:.1f} | {t['ratio']:.2f} "
-               f"({t['ratio_min']:.2f}-{t['ratio_max']:.2f}) |")
-  return "\n".join(out)
+  return _table(
+      ["method", "ms/step", "ratio to none (min-max over rounds)"],
+      [[n, f"{t['ms_per_step']:.1f}",
+        f"{t['ratio']:.2f} ({t['ratio_min']:.2f}-{t['ratio_max']:.2f})"]
+       for n, t in timing.items()], "lrr")
 
 
 def markdown(res: dict, rows: list[dict], elapsed: float) -> str:

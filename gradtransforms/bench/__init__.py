@@ -103,3 +103,14 @@ def existing_file(text: str) -> Path:
   if not path.is_file():
     raise argparse.ArgumentTypeError(f"no such file: {text}")
   return path
+
+
+def add_results_args(ap: argparse.ArgumentParser, files: str) -> None:
+  """``--out`` (the folder for ``files``) and ``--replot-from``, as every
+  benchmark that writes results takes them."""
+  ap.add_argument("--out", type=out_dir, default=DEFAULT_OUT,
+                  help=f"folder for {files}")
+  ap.add_argument("--replot-from", type=existing_file, default=None,
+                  metavar="JSON", help="only redraw the plot of a results "
+                  "JSON written by this benchmark, into --out (default: run the "
+                  "benchmark)")

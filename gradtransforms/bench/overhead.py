@@ -48,9 +48,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,  # noqa: E402
-                                  out_dir, positive_float, positive_int,
-                                  write_results)
+from gradtransforms.bench import (HelpFormatter, add_results_args,  # noqa: E402
+                                  positive_float, positive_int, write_results)
 from gradtransforms.catalogue import CATALOGUE  # noqa: E402
 from gradtransforms.demo import tables  # noqa: E402
 from gradtransforms.demo.progress import Steps  # noqa: E402
@@ -469,12 +468,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                   help="skip the reference models' training steps")
   ap.add_argument("--quick", action="store_true",
                   help="smoke test: 1M params, 10 leaves, 5 rounds, no models")
-  ap.add_argument("--out", type=out_dir, default=DEFAULT_OUT,
-                  help="folder for overhead[_gpu].{md,json,png}")
-  ap.add_argument("--replot-from", type=existing_file, default=None,
-                  metavar="JSON", help="only redraw the plot of a results "
-                  "JSON written by this benchmark, into --out (default: run the "
-                  "benchmark)")
+  add_results_args(ap, "overhead[_gpu].{md,json,png}")
   return ap
 
 

@@ -23,8 +23,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from gradtransforms.bench import (DEFAULT_OUT, HelpFormatter, existing_file,  # noqa: E402
-                                  out_dir, positive_int, write_results)
+from gradtransforms.bench import (HelpFormatter, add_results_args,  # noqa: E402
+                                  positive_int, write_results)
 from gradtransforms.demo import tables  # noqa: E402
 from gradtransforms.demo.methods import (METHODS, SCENARIOS, pairs, run,  # noqa: E402
                                          summarize)
@@ -145,12 +145,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
   ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                   metavar="NAME", help="methods (default: all); choose from "
                   f"{', '.join(METHODS)}")
-  ap.add_argument("--out", type=out_dir, default=DEFAULT_OUT,
-                  help="folder for stability.{md,json,png}")
-  ap.add_argument("--replot-from", type=existing_file, default=None,
-                  metavar="JSON", help="only redraw the plot of a results "
-                  "JSON written by this benchmark, into --out (default: run the "
-                  "benchmark)")
+  add_results_args(ap, "stability.{md,json,png}")
   return ap
 
 
