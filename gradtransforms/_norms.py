@@ -69,24 +69,18 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   return parts
 
 
-def norms(leaves: Sequence[jax.Array], axis_name: str | None = None
-          ) -> tuple[jax.Array, jax.Array]:
-  """Global L2 norm and a vector of per-leaf L2 norms, both float32.
-
-  One pass over the leaves. With ``axis_name`` (inside ``shard_map``/``pmap``)
-  the leaves are taken as shards of larger arrays and the sums of squares are
-  ``psum``-ed over that axis, so every device gets the same, global, figures.
-  """
-  leaves = list(leaves)
-  if not leaves:
-    return jnp.zeros((), F32), jnp.zeros((0,), F32)
-  sq = _psum(jnp.stack([sumsq(x) for x in leaves]), axis_name)
-  return jnp.sqrt(jnp.sum(sq)), jnp.sqrt(sq)
-
-
 def global_norm(tree: Any, axis_name: str | None = None) -> jax.Array:
-  """Float32 global L2 norm of a pytree (one read; Inf beyond ~1.8e19)."""
-  return norms(jax.tree.leaves(tree), axis_name)[0]
+  """Float32 global L2 norm of a pytree: one read, Inf beyond ~1.8e19.
+
+  With ``axis_name`` (inside ``shard_map``/``pmap``) the leaves are taken as
+  shards of larger arrays and the sums of squares are ``psum``-ed over that
+  axis, so every device gets the same, global, norm.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), F32)
+  sq = _psum(jnp.stack([sumsq(x) for x in leaves]), axis_name)
+  return jnp.sqrt(jnp.sum(sq))
 
 
 def clip_scale(norm: jax.Array, max_norm: Any, eps: float = 0.0) -> jax.Array:
@@ -107,16 +101,10 @@ def scale(x: jax.Array, s: jax.Array) -> jax.Array:
 
 
 def scale_tree(tree: Any, s: Any) -> Any:
-  """Multiplies every leaf by ``s`` (a scalar, or a tree of broadcastables)."""
-  if isinstance(s, jax.Array) or jnp.isscalar(s):
-    s = jnp.asarray(s)
-    return jax.tree.map(lambda x: scale(x, s), tree)
-  return jax.tree.map(scale, tree, s)
-
-
-def scale_leaves(treedef: Any, leaves: Sequence[jax.Array], s: jax.Array) -> Any:
-  """Rebuilds a tree from ``leaves``, leaf ``i`` multiplied by ``s[i]``."""
-  return jax.tree.unflatten(treedef, [scale(x, s[i]) for i, x in enumerate(leaves)])
+  """Multiplies every leaf by the scalar ``s`` (per-leaf scales:
+  :func:`scale_parts`)."""
+  s = jnp.asarray(s)
+  return jax.tree.map(lambda x: scale(x, s), tree)
 
 
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:

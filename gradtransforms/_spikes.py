@@ -132,11 +132,11 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
   pos = (sq > 0) & ~bad_leaf
   log_leaf = 0.5 * jnp.log(jnp.where(pos, sq, 1.0))
   mean, seen = state.leaf_log_mean.values, state.leaf_observed.values
+  rated = pos & (seen > 0)  # a finite, non-zero norm with a running mean
   growth = jnp.where(bad_leaf, jnp.inf,
-                     jnp.where(pos & (seen > 0), log_leaf - mean, -jnp.inf))
-  event = (norm_spike | nonfinite) & jnp.any(bad_leaf | (pos & (seen > 0)))
-  k = seen.astype(_F32)
-  a = jnp.minimum(jnp.asarray(decay, _F32), k / (k + 1.0))
+                     jnp.where(rated, log_leaf - mean, -jnp.inf))
+  event = (norm_spike | nonfinite) & jnp.any(bad_leaf | rated)
+  a = _stats.warm_alpha(decay, seen)  # per segment, from its own count
   fold = pos & ~norm_spike
   new_mean = jnp.where(fold, a * mean + (1 - a) * log_leaf, mean)
   new_seen = jnp.where(fold, _stats.inc(seen), seen)
