@@ -9,8 +9,14 @@ sync, so they are let through: their range is the caller's responsibility
 Every failure names the argument: ``TypeError`` for a wrong kind (None,
 bool, str, list, non-scalar array, a traced static argument),
 ``ValueError`` for a value out of range (NaN always; ``inf`` unless the
-check allows it: :func:`bound` is a clip bound, where ``inf`` means "never
-clip" as in optax and torch).
+check allows it).
+
+The library's one rule for ``inf``: a *threshold* (a clip bound, or a level
+that triggers an action: ``max_norm``, ``z_thresh``, ``relative_threshold``,
+...) is checked by :func:`bound` and accepts ``+inf``, meaning "never clip /
+never trigger" (as in optax and torch); ``-inf`` and NaN are refused. Every
+other number (decays, epsilons, learning rates, factors of a threshold,
+percentiles) must be finite.
 """
 
 from __future__ import annotations
@@ -79,8 +85,9 @@ def positive(name: str, value: Any, *, allow_inf: bool = False) -> None:
 
 
 def bound(name: str, value: Any, *, strict: bool = False) -> None:
-  """A clip bound: a scalar ``>= 0`` (``> 0`` if ``strict``) or ``+inf``,
-  which means "never clip" (as in optax and torch). NaN and ``-inf`` raise
+  """A threshold (clip bound or trigger level): a scalar ``>= 0`` (``> 0``
+  if ``strict``) or ``+inf``, which means "never clip / never trigger" (as
+  in optax and torch). NaN and ``-inf`` raise
   ``ValueError``; None, bools, strings and lists raise ``TypeError``."""
   if strict:
     positive(name, value, allow_inf=True)
@@ -190,3 +197,34 @@ def float_leaves(name: str, tree: Any) -> None:
 def needs_params(name: str, params: Any) -> None:
   if params is None:
     raise ValueError(f"{name} needs params: call update(updates, state, params)")
+
+
+def ints_as_float(name: str, tree: Any) -> Any:
+  """``tree`` with integer leaves cast to float32, as optax's clips that
+  accept them compute (``clip_by_block_rms``, ``adaptive_grad_clip``,
+  ``per_example_global_norm_clip`` return float32 for integer input);
+  ``TypeError`` at trace time for a leaf that is neither float nor integer
+  (bool, complex)."""
+  def one(leaf):
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.floating):
+      return leaf
+    if jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_:
+      return jnp.asarray(leaf, jnp.float32)
+    raise TypeError(f"{name} must contain only floating-point or integer "
+                    f"arrays, found dtype {dtype}")
+  return jax.tree.map(one, tree)
+
+
+def state_optional(init_fn: Any, update_fn: Any) -> Any:
+  """``update_fn`` that also takes ``state=None``, as optax's stateless
+  clips do (``tx.update(updates, None)``): the update is the same, the
+  figures are not recorded and the state returned is None (what optax's
+  stateless transforms return when given None)."""
+  def update(updates, state, params=None):
+    if state is None:
+      out, _ = update_fn(updates, init_fn(updates), params)
+      return out, None
+    return update_fn(updates, state, params)
+  update.__doc__ = update_fn.__doc__
+  return update

@@ -19,31 +19,35 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import keystr  # noqa: F401 (re-exported)
 
 LayerAxes = Union[None, Callable[[str, Any], Union[int, None]], Any]
 
 
-@jax.tree_util.register_pytree_node_class
-class PerLeaf:
+class PerLeaf(NamedTuple):
   """A vector with one entry per segment, and the segments' names (static).
 
   ``values``: an array of shape ``(len(names),)``. ``names``: a tuple of
   strings, part of the pytree structure (not a leaf), so ``jax.jit``,
-  ``donate_argnums``, checkpoints and ``jax.tree.map`` see one array.
+  ``donate_argnums``, orbax and ``jax.tree.map`` see one array.
+
+  Checkpoints: a ``NamedTuple``, so ``flax.serialization`` (``to_bytes``,
+  ``to_state_dict``, ``flax.training`` checkpoints) stores it as
+  ``{"values": ..., "names": {...}}`` without any registration (the core
+  never imports flax), and pickle stores it by value. An *empty* vector (no
+  segments: an empty tree, a figure that is not kept) has no array leaf at
+  all: a zero-size array carries no information, and orbax refuses to save
+  one; it comes back from the structure as an empty NumPy vector of its
+  dtype.
   """
-  __slots__ = ("values", "names")
+  values: Any
+  names: tuple[str, ...] = ()
 
-  def __init__(self, values: Any, names: tuple[str, ...]):
-    self.values = values
-    self.names = names
-
-  def tree_flatten(self):
-    return (self.values,), self.names
-
-  @classmethod
-  def tree_unflatten(cls, names, children):
-    return cls(children[0], names)
+  # identity, as a plain object (tuple equality would compare the arrays)
+  __eq__ = object.__eq__
+  __ne__ = object.__ne__
+  __hash__ = object.__hash__
 
   def replace(self, values: Any) -> "PerLeaf":
     return PerLeaf(values, self.names)
@@ -58,6 +62,21 @@ class PerLeaf:
 
   def __repr__(self) -> str:
     return f"PerLeaf({self.values!r}, names=<{len(self.names)}>)"
+
+
+def _flatten(p: PerLeaf) -> tuple[tuple[Any, ...], Any]:
+  if not p.names:  # no segments: nothing to store (see PerLeaf)
+    return (), ((), np.dtype(getattr(p.values, "dtype", np.float32)))
+  return (p.values,), tuple(p.names)
+
+
+def _unflatten(aux: Any, children: Sequence[Any]) -> PerLeaf:
+  if not children:
+    return PerLeaf(np.zeros((0,), aux[1]), ())
+  return PerLeaf(children[0], aux)
+
+
+jax.tree_util.register_pytree_node(PerLeaf, _flatten, _unflatten)
 
 
 def _is_variable(x: Any) -> bool:

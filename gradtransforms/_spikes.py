@@ -92,12 +92,12 @@ def scalar_loss(value: Any, what: str) -> jax.Array:
 def rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes
          ) -> dict[str, Any]:
   """Validates the spike rule's arguments; returns :func:`observe`'s kwargs."""
-  _checks.positive("z_thresh", z_thresh)
+  _checks.bound("z_thresh", z_thresh, strict=True)
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1,
                                   static=False)
   _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
   loss_z_thresh = z_thresh if loss_z_thresh is None else loss_z_thresh
-  _checks.positive("loss_z_thresh", loss_z_thresh)
+  _checks.bound("loss_z_thresh", loss_z_thresh, strict=True)
   return dict(z_thresh=z_thresh, loss_z_thresh=loss_z_thresh,
               warmup_steps=warmup_steps, decay=decay, axis_name=axis_name,
               layer_axes=_layout.check_layer_axes(layer_axes))

@@ -54,6 +54,7 @@ def zscore(stats: MeanVar, x: jax.Array, eps: Any = 1e-6) -> jax.Array:
 def ring_push(buffer: jax.Array, count: jax.Array, x: jax.Array,
               ok: jax.Array | bool = True) -> tuple[jax.Array, jax.Array]:
   """Writes ``x`` at slot ``count % len(buffer)`` if ``ok``; returns (buf, count)."""
+  buffer = jnp.asarray(buffer)  # restored checkpoints hold NumPy arrays
   slot = count % buffer.shape[0]
   new = buffer.at[slot].set(jnp.where(ok, x, buffer[slot]))
   return new, inc(count, jnp.asarray(ok, count.dtype))

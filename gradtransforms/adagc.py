@@ -71,7 +71,8 @@ def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
   beta = 0.98, T_start = 100, lambda_abs = 1.0).
 
   Args:
-    relative_threshold: lambda_rel > 0.
+    relative_threshold: lambda_rel > 0 (+inf: no per-tensor clip after
+      warm-up).
     decay: the EMA's decay beta, in [0, 1).
     warmup_steps: global-clipping steps T_start, >= 1 (static).
     max_norm: global bound during warm-up, >= 0 (+inf: no warm-up clip).
@@ -79,7 +80,7 @@ def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
       :func:`gradtransforms.clip_by_leaf_norm`.
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
-  _checks.positive("relative_threshold", relative_threshold)
+  _checks.bound("relative_threshold", relative_threshold, strict=True)
   _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
   _checks.bound("max_norm", max_norm)

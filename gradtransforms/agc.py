@@ -139,7 +139,8 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
 
   def update_fn(updates, state, params=None):
     _checks.needs_params("adaptive_grad_clip", params)
-    _checks.float_leaves("updates", updates)
+    updates = _checks.ints_as_float("updates", updates)  # as optax
+    params = _checks.ints_as_float("params", params)
     lay = _layout.layout(updates)
     _layout.check_names(lay, state.clip_fraction, "adaptive_grad_clip")
     leaves, treedef = jax.tree.flatten(updates)
@@ -165,4 +166,5 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
         clipped_units=jnp.sum(counts_v, dtype=jnp.int32))
     return jax.tree.unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, _checks.state_optional(init_fn, update_fn))

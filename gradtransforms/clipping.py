@@ -125,6 +125,12 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
   """
   _checks.bound("max_abs", max_abs)
 
+  def _clip_leaf(u):
+    if not jnp.issubdtype(u.dtype, jnp.floating):  # optax.clip's own form
+      return jnp.clip(u, -max_abs, max_abs)
+    return jnp.clip(u, -jnp.asarray(max_abs, u.dtype),
+                    jnp.asarray(max_abs, u.dtype))
+
   @_xla.fresh_state
   def init_fn(params):
     del params
@@ -133,19 +139,19 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del state, params
-    _checks.float_leaves("updates", updates)
-    leaves = jax.tree.leaves(updates)
+    _checks.ints_as_float("updates", updates)  # dtype check only
+    leaves = [u if jnp.issubdtype(u.dtype, jnp.floating) else
+              u.astype(jnp.float32) for u in jax.tree.leaves(updates)]
     # max(u) and -min(u), not max(|u|): XLA:CPU reduces those 2x faster
     peak = jnp.max(jnp.stack([
         jnp.maximum(jnp.max(u), -jnp.min(u)).astype(jnp.float32)
         for u in leaves if u.size] or [jnp.zeros(())]))
-    new = jax.tree.map(
-        lambda u: jnp.clip(u, -jnp.asarray(max_abs, u.dtype),
-                           jnp.asarray(max_abs, u.dtype)), updates)
+    new = jax.tree.map(_clip_leaf, updates)
     return new, ClipByValueState(max_abs=peak,
                                  threshold=jnp.asarray(max_abs, jnp.float32))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, _checks.state_optional(init_fn, update_fn))
 
 
 def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
@@ -186,7 +192,8 @@ def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None
     s = _norms.clip_scale(norm, max_norm)
     return _norms.scale_tree(updates, s), ClipByGlobalNormState(norm, s)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, _checks.state_optional(init_fn, update_fn))
 
 
 def clip_by_leaf_norm(max_norm: float, *, layer_axes: LayerAxes = None,
@@ -223,7 +230,8 @@ def clip_by_leaf_norm(max_norm: float, *, layer_axes: LayerAxes = None,
                                 axis_name, "clip_by_leaf_norm", rms=False)
     return new, ClipByLeafNormState(sumsq, jnp.asarray(max_norm, jnp.float32))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, _checks.state_optional(init_fn, update_fn))
 
 
 def clip_by_block_rms(threshold: float, *, layer_axes: LayerAxes = None,
@@ -252,9 +260,10 @@ def clip_by_block_rms(threshold: float, *, layer_axes: LayerAxes = None,
 
   def update_fn(updates, state, params=None):
     del params
-    _checks.float_leaves("updates", updates)
+    updates = _checks.ints_as_float("updates", updates)  # as optax
     new, meansq = _clip_per_leaf(updates, state.meansq, threshold, layer_axes,
                                  axis_name, "clip_by_block_rms", rms=True)
     return new, ClipByBlockRMSState(meansq, jnp.asarray(threshold, jnp.float32))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, _checks.state_optional(init_fn, update_fn))

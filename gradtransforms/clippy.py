@@ -53,15 +53,16 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
   State: :class:`ClippyState`, the per-leaf ``scale`` as one stacked vector.
 
   Args:
-    relative_factor: lambda_rel >= 0.
-    absolute_factor: lambda_abs > 0 (keeps zero weights movable).
+    relative_factor: lambda_rel >= 0 (+inf: never clip).
+    absolute_factor: lambda_abs > 0 (keeps zero weights movable; +inf: never
+      clip).
     layer_axes: stacked-layer axes, as in
       :func:`gradtransforms.clip_by_leaf_norm`.
     axis_name: inside ``shard_map``/``pmap`` with leaves sharded over this
       axis, the per-tensor maximum is taken over it so all shards agree.
   """
-  _checks.nonnegative("relative_factor", relative_factor)
-  _checks.positive("absolute_factor", absolute_factor)
+  _checks.bound("relative_factor", relative_factor)
+  _checks.bound("absolute_factor", absolute_factor, strict=True)
   layer_axes = _layout.check_layer_axes(layer_axes)
   traced = any(isinstance(v, jax.core.Tracer)
                for v in (relative_factor, absolute_factor))

@@ -41,7 +41,8 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
   the number of leaves).
 
   Args:
-    z_thresh: z-score of ``log ||g||`` that counts as a spike, > 0.
+    z_thresh: z-score of ``log ||g||`` that counts as a spike, > 0 (+inf:
+      never).
     warmup_steps: finite steps before spikes are flagged (static), >= 1.
     decay: EMA decay in [0, 1). 0.98 ~ a 50-step window.
     loss_z_thresh: z-score of the loss that counts as a spike; default

@@ -296,9 +296,10 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     bad batches) are named only for a run that exploded; vanishing ones
     (saturating activations, depth, recurrence) only for one that vanished.
   """
-  if not isinstance(history, Mapping) and not len(list(history)):
-    raise ValueError("diagnose: history is empty; record gt.metrics(state, "
-                     "per_leaf=True) once per step")
+  if (not len(list(history)) if not isinstance(history, Mapping) else
+      any(np.ndim(v) >= 1 and len(v) == 0 for v in history.values())):
+    raise ValueError("diagnose: history is empty (no steps recorded); record "
+                     "gt.metrics(state, per_leaf=True) once per step")
   s = _series(history)
   norm_keys = _role_keys("global_norm", list(s))
   if not norm_keys:

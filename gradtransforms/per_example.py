@@ -64,7 +64,7 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
 
   def update_fn(updates, state, params=None):
     del state, params
-    _checks.float_leaves("updates", updates)
+    updates = _checks.ints_as_float("updates", updates)  # as optax
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
       z = jnp.zeros((), jnp.float32)
@@ -119,4 +119,5 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
                                     mean_norm=norm_sum / n, max_norm=norm_max)
     return jax.tree.unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+      init_fn, _checks.state_optional(init_fn, update_fn))
