@@ -218,13 +218,13 @@ def ints_as_float(name: str, tree: Any) -> Any:
 
 def state_optional(init_fn: Any, update_fn: Any) -> Any:
   """``update_fn`` that also takes ``state=None``, as optax's stateless
-  clips do (``tx.update(updates, None)``): the update is the same, the
-  figures are not recorded and the state returned is None (what optax's
-  stateless transforms return when given None)."""
+  clips do (``tx.update(updates, None)``): the step runs from a fresh state
+  (``init_fn(updates)``: the updates have the params' structure) and
+  returns the updates and that step's state (its figures), where optax
+  returns the ``None`` it was given."""
   def update(updates, state, params=None):
     if state is None:
-      out, _ = update_fn(updates, init_fn(updates), params)
-      return out, None
+      state = init_fn(updates)
     return update_fn(updates, state, params)
   update.__doc__ = update_fn.__doc__
   return update
