@@ -118,7 +118,9 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
   leaves pass through (a zero-size leaf has no units).
 
   State: :class:`AdaptiveGradClipState` (one per-leaf float32 vector and one
-  scalar, whatever the number of leaves).
+  scalar, whatever the number of leaves); ``update(g, None, params)`` runs
+  from a fresh one. Integer gradients/params are computed in float32 and
+  give float32, as optax (whose integer squares can wrap; ours do not).
 
   Args:
     clipping: the ratio of gradient to parameter norm allowed, >= 0;

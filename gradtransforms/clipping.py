@@ -6,6 +6,13 @@ through unchanged (finite leaves stay finite, an Inf is not turned into NaN,
 0/0 never happens) and a downstream :func:`gradtransforms.guard` can act on
 it. The non-finite norm is recorded in the state for logging; no later step
 depends on it.
+
+Drop-in for optax's stateless clips: ``update(updates, None)`` runs the step
+from a fresh state and returns that step's state (figures included).
+Integer leaves: accepted where optax accepts them (``clip_by_value``, with
+optax's dtype rule; ``clip_by_block_rms`` in float32, returning float32),
+refused with ``TypeError`` by ``clip_by_global_norm`` (optax fails on them)
+and ``clip_by_leaf_norm``.
 """
 
 from __future__ import annotations

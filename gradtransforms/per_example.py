@@ -44,7 +44,8 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
   without a batch axis (a scalar), or leaves whose leading sizes differ,
   raise ``ValueError`` naming them (the output would silently lose an axis).
 
-  State: :class:`PerExampleClipState` of the last step.
+  State: :class:`PerExampleClipState` of the last step (``update(g, None)``
+  runs from a fresh one). Integer leaves give float32, as optax.
 
   Args:
     l2_norm_clip: the per-example bound ``C``, >= 0 (``inf``: never clip).
