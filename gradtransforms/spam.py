@@ -3,6 +3,7 @@ periodic moment resets."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -45,6 +46,88 @@ def _warmup(count: jax.Array, resets: jax.Array, steps: int) -> jax.Array:
   k = count.astype(jnp.float32)
   ramp = 1.0 - 0.99 * 0.5 * (1.0 + jnp.cos(math.pi * k / (steps + 1)))
   return jnp.where((resets > 0) & (count < steps), ramp, 1.0)
+
+
+def _init(params) -> SpamState:
+  zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+  return SpamState(step=jnp.zeros((), jnp.int32),
+                   resets=jnp.zeros((), jnp.int32),
+                   max_excess=jnp.full((), -jnp.inf, jnp.float32),
+                   adam=optax.ScaleByAdamState(
+                       count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros()))
+
+
+class _Scalars(NamedTuple):
+  """One step's scalars: reset due, clip active, squared clip factor
+  ``k2 = threshold / (1 - b2**c)``, bias corrections, learning rate,
+  warm-up factor, counters after the step."""
+  due: jax.Array
+  active: jax.Array
+  k2: jax.Array
+  c1: jax.Array
+  c2: jax.Array
+  lr: Any
+  phi: jax.Array
+  new_count: jax.Array
+  resets: jax.Array
+
+
+def _scalars(state: SpamState, learning_rate: Any, b1: float, b2: float,
+             threshold: Any, interval: int, warmup_steps: int) -> _Scalars:
+  due = ((state.step > 0) & (state.step % interval == 0) &
+         (state.step < _stats.I32_MAX))
+  count = jnp.where(due, 0, state.adam.count)
+  new_count = optax.safe_increment(count)
+  resets = _stats.inc(state.resets, due)
+  return _Scalars(
+      due=due, active=count > 0,
+      k2=jnp.asarray(threshold, jnp.float32) / (
+          1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1)),
+      c1=1 - jnp.asarray(b1, jnp.float32) ** new_count,
+      c2=1 - jnp.asarray(b2, jnp.float32) ** new_count,
+      lr=learning_rate(state.step) if callable(learning_rate) else learning_rate,
+      phi=_warmup(count, resets, warmup_steps), new_count=new_count,
+      resets=resets)
+
+
+def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
+          g: jax.Array, m: jax.Array, v: jax.Array, w: Any):
+  """One leaf's (update, mu, nu, max excess).
+
+  Written for XLA:CPU: the only sqrt besides Adam's is the clip level
+  inside the first moment's update; v's update and the non-finite test use
+  squares (``min(g**2, theta v_hat)`` = the clipped ``g**2``), so no
+  expensive op has several consumers; the figure's reduction holds only
+  ops XLA:CPU's reduction kernels fuse (no select: the min with ``v *
+  1e38`` is <= 0 where ``v = 0``), and v's in-place update waits for it
+  and for m (no copy of the old v)."""
+  acc = _norms.acc_dtype(g)
+  g32, v_old = g.astype(acc), v.astype(acc)
+  k2 = sc.k2.astype(acc)
+  excess = (jnp.max(jnp.minimum(jnp.abs(g32) - jnp.sqrt(k2 * v_old),
+                                v_old * 1e38)) if g.size else
+            jnp.full((), -jnp.inf, acc))
+  excess = jnp.where(sc.active, excess, -jnp.inf).astype(jnp.float32)
+  m, v = (jnp.where(sc.due, jnp.zeros_like(x), x) for x in (m, v))
+  v32 = v.astype(acc)
+  can = sc.active & (v32 > 0)
+  cap = k2 * v32  # theta * v_hat: the squared clip level
+  sq = g32 * g32
+  sq_c = jnp.where(can, jnp.minimum(sq, cap), sq).astype(v.dtype)
+  v_raw = (1 - b2) * sq_c + b2 * v
+  ok = jnp.isfinite(v_raw)
+  lim = jnp.sqrt(cap)
+  gc = jnp.where(can, jnp.clip(g32, -lim, lim), g32).astype(g.dtype)
+  m_new = jnp.where(ok, (1 - b1) * gc + b1 * m, m)
+  v_new = _xla.after(jnp.where(ok, v_raw, v), m_new, excess)
+  u = (m_new / sc.c1.astype(m_new.dtype)) / (
+      jnp.sqrt(v_new / sc.c2.astype(v_new.dtype)) + eps)
+  u = u * sc.phi.astype(u.dtype)
+  if weight_decay:
+    u = u + weight_decay * w
+  # NaN: its moments were kept; a NaN update.
+  u = jnp.where(jnp.isnan(g), jnp.nan, -sc.lr * u).astype(g.dtype)
+  return u, m_new.astype(m.dtype), v_new.astype(v.dtype), excess
 
 
 def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
@@ -121,66 +204,13 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   if not callable(learning_rate):
     _checks.nonnegative("learning_rate", learning_rate)
 
-  def init_fn(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-    return SpamState(step=jnp.zeros((), jnp.int32),
-                     resets=jnp.zeros((), jnp.int32),
-                     max_excess=jnp.full((), -jnp.inf, jnp.float32),
-                     adam=optax.ScaleByAdamState(
-                         count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros()))
-
   def update_fn(updates, state, params=None):
     _checks.float_leaves("updates", updates)
     if weight_decay:
       _checks.needs_params("spam", params)
-    due = ((state.step > 0) & (state.step % interval == 0) &
-           (state.step < _stats.I32_MAX))
-    count = jnp.where(due, 0, state.adam.count)
-    active = count > 0
-    k2 = jnp.asarray(threshold, jnp.float32) / (
-        1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1))
-    new_count = optax.safe_increment(count)
-    c1 = 1 - jnp.asarray(b1, jnp.float32) ** new_count
-    c2 = 1 - jnp.asarray(b2, jnp.float32) ** new_count
-    lr = learning_rate(state.step) if callable(learning_rate) else learning_rate
-    resets = _stats.inc(state.resets, due)
-    phi = _warmup(count, resets, warmup_steps)
-
-    def leaf(g, m, v, w):
-      # Written for XLA:CPU: the only sqrt besides Adam's is the clip level
-      # inside the first moment's update; v's update and the non-finite
-      # test use squares (min(g**2, theta v_hat) = clipped g**2), so no
-      # expensive op has several consumers; the figure's reduction holds
-      # only ops XLA:CPU's reduction kernels fuse (no select: the min with
-      # v * 1e38 is <= 0 where v = 0), and v's in-place update waits for
-      # it and for m (no copy of the old v).
-      acc = _norms.acc_dtype(g)
-      g32, v_old = g.astype(acc), v.astype(acc)
-      excess = (jnp.max(jnp.minimum(jnp.abs(g32) - jnp.sqrt(k2.astype(acc) * v_old),
-                                    v_old * 1e38)) if g.size else
-                jnp.full((), -jnp.inf, acc))
-      excess = jnp.where(active, excess, -jnp.inf).astype(jnp.float32)
-      m, v = (jnp.where(due, jnp.zeros_like(x), x) for x in (m, v))
-      v32 = v.astype(acc)
-      can = active & (v32 > 0)
-      cap = k2.astype(acc) * v32  # theta * v_hat: the squared clip level
-      sq = g32 * g32
-      sq_c = jnp.where(can, jnp.minimum(sq, cap), sq).astype(v.dtype)
-      v_raw = (1 - b2) * sq_c + b2 * v
-      ok = jnp.isfinite(v_raw)
-      lim = jnp.sqrt(cap)
-      gc = jnp.where(can, jnp.clip(g32, -lim, lim), g32).astype(g.dtype)
-      m_new = jnp.where(ok, (1 - b1) * gc + b1 * m, m)
-      v_new = _xla.after(jnp.where(ok, v_raw, v), m_new, excess)
-      u = (m_new / c1.astype(m_new.dtype)) / (
-          jnp.sqrt(v_new / c2.astype(v_new.dtype)) + eps)
-      u = u * phi.astype(u.dtype)
-      if weight_decay:
-        u = u + weight_decay * w
-      # NaN: its moments were kept; a NaN update.
-      u = jnp.where(jnp.isnan(g), jnp.nan, -lr * u).astype(g.dtype)
-      return u, m_new.astype(m.dtype), v_new.astype(v.dtype), excess
-
+    sc = _scalars(state, learning_rate, b1, b2, threshold, interval,
+                  warmup_steps)
+    leaf = functools.partial(_leaf, sc, b1, b2, eps, weight_decay)
     leaves, treedef = jax.tree.flatten(updates)
     w_leaves = (treedef.flatten_up_to(params) if weight_decay
                 else [None] * len(leaves))
@@ -191,7 +221,7 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     max_excess = jnp.max(jnp.stack(excess + [jnp.full((), -jnp.inf)]))
     unf = lambda xs: jax.tree.unflatten(treedef, xs)
     return unf(u), SpamState(
-        step=_stats.inc(state.step), resets=resets, max_excess=max_excess,
-        adam=optax.ScaleByAdamState(count=new_count, mu=unf(mu), nu=unf(nu)))
+        step=_stats.inc(state.step), resets=sc.resets, max_excess=max_excess,
+        adam=optax.ScaleByAdamState(count=sc.new_count, mu=unf(mu), nu=unf(nu)))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(_init, update_fn)
