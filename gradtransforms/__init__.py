@@ -26,6 +26,7 @@ from gradtransforms.clipping import (
     clip_by_value,
 )
 from gradtransforms.moment_reset import MomentResetState, with_moment_reset
+from gradtransforms.spam import SpamState, spam
 from gradtransforms.spike_clip import SpikeClipState, spike_clip
 from gradtransforms.zclip import ZClipState, zclip
 
@@ -36,7 +37,8 @@ __all__ = [
     "clip_by_value", "clip_by_global_norm", "clip_by_leaf_norm",
     "clip_by_block_rms", "adaptive_grad_clip", "per_example_clip",
     # adaptive clipping
-    "autoclip", "zclip", "adagc", "spike_clip", "with_moment_reset", "clippy",
+    "autoclip", "zclip", "adagc", "spike_clip", "with_moment_reset", "spam",
+    "clippy",
     "quantile_clip",
     # detection, guards, diagnosis
     "monitor", "detect_spikes", "guard", "culprits", "diagnose", "Diagnosis",
@@ -46,5 +48,6 @@ __all__ = [
     "AdaGCState", "AdaptiveGradClipState", "AutoClipState", "ClipByBlockRMSState",
     "ClipByGlobalNormState", "ClipByLeafNormState", "ClipByValueState", "ClippyState",
     "DetectSpikesState", "GuardState", "MomentResetState", "MonitorState",
-    "PerExampleClipState", "QuantileClipState", "SpikeClipState", "ZClipState",
+    "PerExampleClipState", "QuantileClipState", "SpamState", "SpikeClipState",
+    "ZClipState",
 ]

@@ -123,3 +123,20 @@ def fresh(tree: Any) -> Any:
   inner optimizer's (parameter-sized) state is not copied."""
   return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.result_type(x),
                                           copy=True), tree)
+
+
+def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
+  """``x``, on CPU computed after ``deps`` (arrays) have been: a select on a
+  comparison with each dep's first entry that is always false (not even
+  NaN is ``> inf``), which XLA cannot fold. For an in-place state update
+  whose old value other loops still read: XLA:CPU otherwise may copy the
+  old state to a fresh, page-faulted buffer first. On GPU/TPU the tie
+  would split a fused kernel, and is left out."""
+  def tied(x, *deps):
+    never = jnp.zeros((), bool)
+    for d in deps:
+      if d.size:
+        never = never | (d.reshape(-1)[0] > jnp.inf)
+    return jnp.where(never, jnp.zeros_like(x), x)
+  return lax.platform_dependent(x, *deps, cpu=tied,
+                                default=lambda x, *deps: x)

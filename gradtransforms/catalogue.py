@@ -1,8 +1,9 @@
 """One catalogue of the public transforms, for tests, benchmarks and the demo.
 
 Each :class:`Entry` says how a transform is placed around an optimizer
-(``"before"`` it on the gradients, ``"after"`` it on the updates, or
-``"around"`` it as a wrapper), a small configuration for tests, the
+(``"before"`` it on the gradients, ``"after"`` it on the updates,
+``"around"`` it as a wrapper, or ``"optimizer"``: a full optimizer that
+takes the place of the Adam it is compared with), a small configuration for tests, the
 benchmark configuration, the optax equivalent where one exists, and whether
 it takes ``axis_name`` / ``layer_axes``. Adding a transform means adding it
 to ``gradtransforms/__init__.py`` and here; ``tests/test_api.py`` fails when
@@ -30,7 +31,7 @@ class Entry:
   through (``axis_name=...``, ``layer_axes=...``).
   """
   name: str
-  placement: str  # "before" | "after" | "around"
+  placement: str  # "before" | "after" | "around" | "optimizer"
   group: str  # "static" | "adaptive" | "detection"
   test: Make
   bench: Make
@@ -44,7 +45,9 @@ class Entry:
             **kw) -> optax.GradientTransformationExtraArgs:
     """The transform placed with ``opt``, as one ExtraArgs optimizer."""
     make = self.test if config == "test" else self.bench
-    if self.placement == "around":
+    if self.placement == "optimizer":  # replaces opt (an Adam of the same lr)
+      tx = make(**kw)
+    elif self.placement == "around":
       tx = make(**kw)(opt)
     elif self.placement == "after":
       tx = optax.chain(opt, make(**kw))
@@ -123,6 +126,10 @@ _ENTRIES = [
     Entry("with_moment_reset", "around", "adaptive",
           _around(gt.with_moment_reset, interval=2),
           _around(gt.with_moment_reset), axis_name=False),
+    Entry("spam", "optimizer", "adaptive",
+          lambda **kw: gt.spam(1e-3, threshold=2.0, interval=2, warmup_steps=2,
+                               **kw),
+          lambda **kw: gt.spam(1e-3, **kw), axis_name=False),
 ]
 
 CATALOGUE: dict[str, Entry] = {e.name: e for e in _ENTRIES}

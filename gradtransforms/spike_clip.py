@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -40,6 +41,41 @@ def _bound_factor(t: jax.Array, threshold: Any, b2: float
   k2 = jnp.asarray(threshold, jnp.float32) / (
       1.0 - jnp.asarray(b2, jnp.float32) ** t)
   return jnp.sqrt(k2), jax.lax.rsqrt(b2 / k2 + (1.0 - b2))
+
+
+def _step_scalars(t: jax.Array, threshold: Any, b2: float) -> tuple:
+  """``(active, k, K, to_rms, first)`` of step ``t``: see :func:`spike_clip`."""
+  k, big_k = _bound_factor(t, threshold, b2)
+  # r_t = bound / K_{t-1}: undo the previous step's factor.
+  to_rms = 1.0 / _bound_factor(t - 1, threshold, b2)[1]
+  # v of an entry seen for the first time: v_hat = g**2 at the next step.
+  first = 1.0 - jnp.asarray(b2, jnp.float32) ** (t.astype(jnp.float32) + 1)
+  return t > 0, k, big_k, to_rms, first
+
+
+def _new_bound(sc: tuple, b2: float, g: jax.Array, b: jax.Array) -> jax.Array:
+  """The state's new per-entry bound ``K r_{t+1}`` from ``g`` and the old one."""
+  active, k, big_k, to_rms, first = sc
+  acc = _norms.acc_dtype(g)
+  g32 = g.astype(acc)
+  fresh = b == 0  # v = 0: no history
+  r = b.astype(acc) * to_rms.astype(acc)
+  lim = k.astype(acc) * r
+  clipped = jnp.where(active & ~fresh, jnp.clip(g32, -lim, lim), g32)
+  sq = clipped * clipped
+  w = jnp.where(fresh, first.astype(acc), 1 - b2)
+  v_new = b2 * r * r + w * sq
+  v_new = jnp.where(jnp.isfinite(v_new), v_new, r * r)
+  # The sqrt is the root: XLA:CPU materialises an expensive op that has
+  # several consumers, and this way that is the state output itself.
+  return jnp.sqrt(v_new * jnp.square(big_k).astype(acc)).astype(b.dtype)
+
+
+def _leaf_excess(g: jax.Array, b: jax.Array) -> jax.Array:
+  """max |g| - bound: the one statistic XLA:CPU fuses into a single read
+  (a count of clipped entries materialises a mask per leaf)."""
+  d = jnp.result_type(g, b)
+  return jnp.max(jnp.abs(g.astype(d)) - b.astype(d)).astype(jnp.float32)
 
 
 def spike_clip(threshold: float = 5000.0, decay: float = 0.999, *,
@@ -112,41 +148,18 @@ def spike_clip(threshold: float = 5000.0, decay: float = 0.999, *,
     _checks.float_leaves("updates", updates)
     t = state.step
     active = t > 0
-    k, big_k = _bound_factor(t, threshold, b2)
-    # r_t = bound / K_{t-1}: undo the previous step's factor.
-    to_rms = 1.0 / _bound_factor(t - 1, threshold, b2)[1]
-    # v of an entry seen for the first time: v_hat = g**2 at the next step.
-    first = 1.0 - jnp.asarray(b2, jnp.float32) ** (t.astype(jnp.float32) + 1)
-
-    def new_bound(g, b):
-      acc = _norms.acc_dtype(g)
-      g32 = g.astype(acc)
-      fresh = b == 0  # v = 0: no history
-      r = b.astype(acc) * to_rms.astype(acc)
-      lim = k.astype(acc) * r
-      clipped = jnp.where(active & ~fresh, jnp.clip(g32, -lim, lim), g32)
-      sq = clipped * clipped
-      w = jnp.where(fresh, first.astype(acc), 1 - b2)
-      v_new = b2 * r * r + w * sq
-      v_new = jnp.where(jnp.isfinite(v_new), v_new, r * r)
-      # The sqrt is the root: XLA:CPU materialises an expensive op that has
-      # several consumers, and this way that is the state output itself.
-      return jnp.sqrt(v_new * jnp.square(big_k).astype(acc)).astype(b.dtype)
+    sc = _step_scalars(t, threshold, b2)
 
     def clip(g, b):
       b = b.astype(_norms.acc_dtype(g))
       return jnp.where(active, jnp.clip(g.astype(b.dtype), -b, b),
                        g).astype(g.dtype)
 
-    bound = jax.tree.map(new_bound, updates, state.bound)
+    bound = jax.tree.map(functools.partial(_new_bound, sc, b2), updates,
+                         state.bound)
     leaves, b_leaves = jax.tree.leaves(updates), jax.tree.leaves(bound)
-    # A max of |g| - bound: the one statistic XLA:CPU fuses into a single
-    # read (a count of clipped entries materialises a mask per leaf).
-    def leaf_excess(g, b):
-      d = jnp.result_type(g, b)
-      return jnp.max(jnp.abs(g.astype(d)) - b.astype(d)).astype(jnp.float32)
     excess = jnp.max(jnp.stack(
-        [leaf_excess(g, b) for g, b in zip(leaves, b_leaves) if g.size]
+        [_leaf_excess(g, b) for g, b in zip(leaves, b_leaves) if g.size]
         or [jnp.full((), -jnp.inf)]))
     if axis_name is not None:
       excess = jax.lax.pmax(excess, axis_name)

@@ -162,14 +162,19 @@ def test_overhead_quick_run_writes_its_files(tmp_path, capsys):
   argv = ["--sizes", "0.002", "--leaves", "3", "--rounds", "2", "--warmup", "1",
           "--no-models", "--methods", "one_read", "clip_by_global_norm",
           "clip_by_leaf_norm", "guard", "--stacked", "--layers", "4",
-          "--stacked-leaves", "2", "--steps-per-sample", "2", "--out",
-          str(tmp_path)]
+          "--stacked-leaves", "2", "--steps-per-sample", "2",
+          "--compile-leaves", "2", "--out", str(tmp_path)]
   assert overhead.main(argv) == 0
   out = capsys.readouterr().out
-  assert "[1/2 chunks of methods" in out  # plain progress lines
+  assert "[1/3 chunks of methods" in out  # plain progress lines
   for ext in ("md", "json", "png"):
     assert (tmp_path / f"overhead.{ext}").exists()
+  assert (tmp_path / "overhead_compile.png").exists()
   data = json.loads((tmp_path / "overhead.json").read_text())
+  comp = {r["method"]: r for r in data["compile"]}
+  assert set(comp) == {"clip_by_global_norm", "clip_by_leaf_norm", "guard"}
+  assert all(r["leaves"] == 2 and r["compile_s"] > 0 and r["vs_adam"] > 0
+             for r in comp.values())
   assert data["machine"]["steps_per_sample"] == 2
   rows = {(r["kind"], r["method"]): r for r in data["rows"]}
   assert set(rows) == {(k, m) for k in ("tree", "stacked") for m in
@@ -186,6 +191,7 @@ def test_overhead_quick_run_writes_its_files(tmp_path, capsys):
   assert rows[("stacked", "one_read")]["layer_axes"] is None
   md = (tmp_path / "overhead.md").read_text()
   assert "| 0.002M params, 4 layers stacked in 2 leaves | clip_by_leaf_norm |" in md
+  assert "| method | 2 leaves |" in md
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -59,6 +59,12 @@ ARGS = [
     (gt.per_example_clip, "l2_norm_clip", "bound", {}),
     (gt.per_example_clip, "axis_name", "axis_name", {"l2_norm_clip": 1.0}),
     (gt.with_moment_reset, "interval", "int>=1", {"inner": optax.adam(1e-3)}),
+    (gt.spam, "b1", "unit", {"learning_rate": 1e-3}),
+    (gt.spam, "b2", "unit", {"learning_rate": 1e-3}),
+    (gt.spam, "eps", "nonnegative", {"learning_rate": 1e-3}),
+    (gt.spam, "threshold", "bound+", {"learning_rate": 1e-3}),
+    (gt.spam, "interval", "int>=1", {"learning_rate": 1e-3}),
+    (gt.spam, "weight_decay", "nonnegative", {"learning_rate": 1e-3}),
 ]
 CASES = [(f, arg, v, kw) for f, arg, kind, kw in ARGS for v in BAD[kind]]
 
@@ -231,6 +237,7 @@ MINE = {
     "per_example_clip": lambda: gt.per_example_clip(1.0),
     # (eps=1e-3: Adam's default 1e-8 is 0 in float16)
     "with_moment_reset": lambda: gt.with_moment_reset(optax.adam(1e-2, eps=1e-3), 2),
+    "spam": lambda: gt.spam(1e-2, eps=1e-3, threshold=4.0, interval=2),
 }
 
 

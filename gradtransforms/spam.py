@@ -1,0 +1,227 @@
+"""SPAM: Adam with spike-aware clipping against its own second moment and
+periodic moment resets."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradtransforms import _checks, _norms, _stats, _xla
+from gradtransforms._registry import register
+
+
+@register("spam", ("step", "resets", "clipped", "max_excess"),
+          {"clipped": "clipped"})
+class SpamState(NamedTuple):
+  """``step``: update calls so far; ``resets``: moment resets done (both
+  saturate at 2**31 - 1); ``max_excess``: the largest ``|g| - bound`` of the
+  last step over the entries that could be clipped, as ``spike_clip``'s
+  (> 0 iff some entry was clipped; -inf when none could be, NaN if the
+  gradient held a NaN; capped at ``v * 1e38``, which only bites for ``v``
+  below ~1e-30);
+  ``adam``: Adam's own state (``count`` restarts at each reset, ``mu``,
+  ``nu``), an ``optax.ScaleByAdamState`` so optax's tree utilities find the
+  moments. ``clipped`` is derived when read."""
+  step: jax.Array
+  resets: jax.Array
+  max_excess: jax.Array
+  adam: optax.ScaleByAdamState
+
+  @property
+  def clipped(self) -> jax.Array:
+    return self.max_excess > 0
+
+
+def _warmup(count: jax.Array, resets: jax.Array, steps: int) -> jax.Array:
+  """The paper's cosine ramp of the step after a reset: ``1 - 0.99 (1 +
+  cos(pi k / (N + 1))) / 2`` at the ``k``-th step since the reset, ``k <
+  N``; 1 afterwards and before the first reset."""
+  if steps == 0:
+    return jnp.ones((), jnp.float32)
+  k = count.astype(jnp.float32)
+  ramp = 1.0 - 0.99 * 0.5 * (1.0 + jnp.cos(math.pi * k / (steps + 1)))
+  return jnp.where((resets > 0) & (count < steps), ramp, 1.0)
+
+
+def _init(params) -> SpamState:
+  zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+  return SpamState(step=jnp.zeros((), jnp.int32),
+                   resets=jnp.zeros((), jnp.int32),
+                   max_excess=jnp.full((), -jnp.inf, jnp.float32),
+                   adam=optax.ScaleByAdamState(
+                       count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros()))
+
+
+class _Scalars(NamedTuple):
+  """One step's scalars: reset due, clip active, squared clip factor
+  ``k2 = threshold / (1 - b2**c)``, bias corrections, learning rate,
+  warm-up factor, counters after the step."""
+  due: jax.Array
+  active: jax.Array
+  k2: jax.Array
+  c1: jax.Array
+  c2: jax.Array
+  lr: Any
+  phi: jax.Array
+  new_count: jax.Array
+  resets: jax.Array
+
+
+def _scalars(state: SpamState, learning_rate: Any, b1: float, b2: float,
+             threshold: Any, interval: int, warmup_steps: int) -> _Scalars:
+  due = ((state.step > 0) & (state.step % interval == 0) &
+         (state.step < _stats.I32_MAX))
+  count = jnp.where(due, 0, state.adam.count)
+  new_count = optax.safe_increment(count)
+  resets = _stats.inc(state.resets, due)
+  return _Scalars(
+      due=due, active=count > 0,
+      k2=jnp.asarray(threshold, jnp.float32) / (
+          1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1)),
+      c1=1 - jnp.asarray(b1, jnp.float32) ** new_count,
+      c2=1 - jnp.asarray(b2, jnp.float32) ** new_count,
+      lr=learning_rate(state.step) if callable(learning_rate) else learning_rate,
+      phi=_warmup(count, resets, warmup_steps), new_count=new_count,
+      resets=resets)
+
+
+def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
+          g: jax.Array, m: jax.Array, v: jax.Array, w: Any):
+  """One leaf's (update, mu, nu, max excess).
+
+  Written for XLA:CPU: the only sqrt besides Adam's is the clip level
+  inside the first moment's update; v's update and the non-finite test use
+  squares (``min(g**2, theta v_hat)`` = the clipped ``g**2``), so no
+  expensive op has several consumers; the figure's reduction holds only
+  ops XLA:CPU's reduction kernels fuse (no select: the min with ``v *
+  1e38`` is <= 0 where ``v = 0``), and v's in-place update waits for it
+  and for m (no copy of the old v)."""
+  acc = _norms.acc_dtype(g)
+  g32, v_old = g.astype(acc), v.astype(acc)
+  k2 = sc.k2.astype(acc)
+  excess = (jnp.max(jnp.minimum(jnp.abs(g32) - jnp.sqrt(k2 * v_old),
+                                v_old * 1e38)) if g.size else
+            jnp.full((), -jnp.inf, acc))
+  excess = jnp.where(sc.active, excess, -jnp.inf).astype(jnp.float32)
+  m, v = (jnp.where(sc.due, jnp.zeros_like(x), x) for x in (m, v))
+  v32 = v.astype(acc)
+  can = sc.active & (v32 > 0)
+  cap = k2 * v32  # theta * v_hat: the squared clip level
+  sq = g32 * g32
+  sq_c = jnp.where(can, jnp.minimum(sq, cap), sq).astype(v.dtype)
+  v_raw = (1 - b2) * sq_c + b2 * v
+  ok = jnp.isfinite(v_raw)
+  lim = jnp.sqrt(cap)
+  gc = jnp.where(can, jnp.clip(g32, -lim, lim), g32).astype(g.dtype)
+  m_new = jnp.where(ok, (1 - b1) * gc + b1 * m, m)
+  v_new = _xla.after(jnp.where(ok, v_raw, v), m_new, excess)
+  u = (m_new / sc.c1.astype(m_new.dtype)) / (
+      jnp.sqrt(v_new / sc.c2.astype(v_new.dtype)) + eps)
+  u = u * sc.phi.astype(u.dtype)
+  if weight_decay:
+    u = u + weight_decay * w
+  # NaN: its moments were kept; a NaN update.
+  u = jnp.where(jnp.isnan(g), jnp.nan, -sc.lr * u).astype(g.dtype)
+  return u, m_new.astype(m.dtype), v_new.astype(v.dtype), excess
+
+
+def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
+         b2: float = 0.999, eps: float = 1e-8, *, threshold: float = 5000.0,
+         interval: int = 500, warmup_steps: int = 150,
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SPAM (Huang et al., 2025, "SPAM: Spike-Aware Adam with Momentum Reset
+  for Stable LLM Training"): Adam whose spike clip reads Adam's own second
+  moment, and whose moments are zeroed every ``interval`` steps.
+
+  At each step, with ``c`` Adam's count of steps since the last reset (or
+  since the start) and ``v`` its second moment:
+
+  * Reset (steps ``interval, 2 interval, ...``): ``mu = nu = 0``, ``c = 0``.
+  * Clip: where ``c > 0`` and ``v > 0``, ``g <- clip(g, -b, b)`` with
+    ``b = sqrt(threshold * v / (1 - b2**c))`` (``g**2 > threshold * v_hat``
+    is a spike; it becomes ``sign(g) sqrt(threshold * v_hat)``).
+  * Adam on the clipped ``g`` (optax's formulas, bias correction by ``c +
+    1``): ``u = m_hat / (sqrt(v_hat) + eps)``.
+  * Step: ``-learning_rate * (phi * u + weight_decay * w)``, with ``phi``
+    the paper's cosine warm-up after each reset: ``1 - 0.99 (1 + cos(pi k
+    / (N + 1))) / 2`` at the ``k``-th step since the reset (0.01 at the
+    reset, 1 from ``N = warmup_steps`` steps on; 1 before the first reset).
+
+  There is no second copy of ``v``: the clip reads Adam's (one read of the
+  gradients and of Adam's state, as Adam alone). With ``warmup_steps=0``
+  the numbers are those of ``optax.chain(gt.spike_clip(threshold, b2),
+  gt.with_moment_reset(optax.adam(learning_rate, b1, b2, eps), interval))``
+  up to float rounding, until the first reset, for entries whose gradient
+  is non-zero at the first step. Where the two differ: the chain's clip keeps
+  its own ``v``, which the reset does not clear (it clips the first steps
+  after a reset against the old history; SPAM starts afresh with Adam's,
+  as the paper); the chain bias-corrects its ``v`` by all steps, SPAM by
+  the steps since the reset; an entry first non-zero after step 0 starts
+  the chain's ``v`` at ``v_hat = g**2`` but Adam's (and SPAM's) at
+  ``(1 - b2) g**2``; the chain has no warm-up. Against the paper's
+  reference code: it compares ``g**2`` with ``threshold * v`` (no bias
+  correction) and skips the clip for 20 steps after a reset instead; it
+  does not restart Adam's bias correction at a reset (``with_moment_reset``
+  and this function do, so the first steps after a reset are at the
+  normal scale before ``phi``); its ``eps`` is 1e-6 (here optax's 1e-8).
+
+  Zeros: an entry whose ``v`` is 0 (no non-zero gradient since the last
+  reset) is not clipped, so it is never locked at 0. Non-finite input:
+  ``+-Inf`` entries are clipped to the finite bound once ``v > 0``; an
+  entry whose clipped gradient is still non-finite keeps its moments (they
+  are never poisoned): a NaN entry gets a NaN update, so a guard or
+  ``optax.apply_if_finite`` sees it; an Inf entry without history gets the
+  update of its kept moments (0: it has none). Empty trees and
+  zero-size leaves pass through. ``threshold=inf`` never clips.
+
+  State: :class:`SpamState` (Adam's moments, two counters, one figure).
+  Defaults are the paper's (theta = 5000, Delta T = 500, N = 150; betas
+  as Adam's); ``eps`` is optax's.
+
+  Args:
+    learning_rate: a float or an optax schedule (of the step count).
+    b1: Adam's first-moment decay, in [0, 1).
+    b2: Adam's second-moment decay, in [0, 1); also the clip's.
+    eps: Adam's epsilon, >= 0.
+    threshold: theta > 0 (``inf``: never clip).
+    interval: steps between moment resets (static), >= 1.
+    warmup_steps: N, the cosine warm-up after each reset (static), >= 0.
+    weight_decay: decoupled weight decay (as ``optax.adamw``; not ramped by
+      the warm-up, as the paper's code), >= 0. Needs ``params``.
+  """
+  _checks.in_range("b1", b1, 0.0, 1.0, hi_open=True)
+  _checks.in_range("b2", b2, 0.0, 1.0, hi_open=True)
+  _checks.nonnegative("eps", eps)
+  _checks.bound("threshold", threshold, strict=True)
+  interval = _checks.integer("interval", interval, minimum=1)
+  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=0)
+  _checks.nonnegative("weight_decay", weight_decay)
+  if not callable(learning_rate):
+    _checks.nonnegative("learning_rate", learning_rate)
+
+  def update_fn(updates, state, params=None):
+    _checks.float_leaves("updates", updates)
+    if weight_decay:
+      _checks.needs_params("spam", params)
+    sc = _scalars(state, learning_rate, b1, b2, threshold, interval,
+                  warmup_steps)
+    leaf = functools.partial(_leaf, sc, b1, b2, eps, weight_decay)
+    leaves, treedef = jax.tree.flatten(updates)
+    w_leaves = (treedef.flatten_up_to(params) if weight_decay
+                else [None] * len(leaves))
+    outs = [leaf(g, m, v, w) for g, m, v, w in zip(
+        leaves, treedef.flatten_up_to(state.adam.mu),
+        treedef.flatten_up_to(state.adam.nu), w_leaves)]
+    u, mu, nu, excess = (list(x) for x in zip(*outs)) if outs else ([],) * 4
+    max_excess = jnp.max(jnp.stack(excess + [jnp.full((), -jnp.inf)]))
+    unf = lambda xs: jax.tree.unflatten(treedef, xs)
+    return unf(u), SpamState(
+        step=_stats.inc(state.step), resets=sc.resets, max_excess=max_excess,
+        adam=optax.ScaleByAdamState(count=sc.new_count, mu=unf(mu), nu=unf(nu)))
+
+  return optax.GradientTransformation(_init, update_fn)
