@@ -1,0 +1,164 @@
+"""Step 1 of ``diagnose``: read the series.
+
+A history (per-step ``gt.metrics`` dicts, or a dict of per-step sequences)
+becomes one float64 series per key; the registry's roles say which keys
+hold the global norm, the per-leaf norms and the update ratios, whatever
+the transforms are called. :class:`Series` is everything the later steps
+read: the norm, the loss, the first non-finite step, the per-leaf norms and
+the layers in depth order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from gradtransforms import _registry
+
+_PREFERRED = ("monitor", "detect_spikes")  # pure observers first
+_WEIGHT = re.compile(r"(kernel|weight|(^|/)w[^/]*)$")
+# Read-out layers sort last in the depth order, whatever their name's rank.
+_READOUT = re.compile(r"(^|/)(out|output|head|readout|lm_head|classifier|"
+                      r"logits)(/|$)", re.I)
+
+
+def natural(s: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def depth_key(s: str):
+  """Depth order: natural order of the names, read-out layers last."""
+  return (bool(_READOUT.search(s)), natural(s))
+
+
+def role_keys(role: str, keys: Sequence[str], per_leaf: bool = False
+              ) -> list[str]:
+  """Keys of ``keys`` that hold ``role`` (``"<name>[@where]/<figure>"``,
+  plus ``"/<leaf>"`` for per-leaf figures), observers first."""
+  pairs = sorted(_registry.with_role(role),
+                 key=lambda p: p[0] not in _PREFERRED)
+  # An observer that records update ratios sits after the optimizer: its
+  # norms are the updates', so it comes last for the gradient's roles.
+  after = {k.partition("/")[0] for k in keys
+           if any(k.partition("/")[2].startswith(f + "/") and
+                  k.split("@")[0].split("/")[0] == n
+                  for n, f in _registry.with_role("update_ratio"))}
+  ordered = sorted(keys, key=lambda k: k.partition("/")[0] in after)
+  out = []
+  for name, fig in pairs:
+    for k in ordered:
+      head, _, rest = k.partition("/")
+      if head.split("@")[0] != name:
+        continue
+      if per_leaf and rest.startswith(fig + "/"):
+        out.append(k)
+      elif not per_leaf and rest == fig:
+        out.append(k)
+  return out
+
+
+def series(history: Any) -> dict[str, np.ndarray]:
+  """One float64 series per key of the history."""
+  if isinstance(history, Mapping):
+    return {k: np.asarray(v, np.float64).reshape(len(v), -1)[:, 0]
+            for k, v in history.items() if np.ndim(v) >= 1}
+  rows: Sequence[Mapping] = list(history)
+  keys = sorted({k for r in rows for k in r})
+  return {k: np.asarray([float(np.asarray(r.get(k, np.nan)).reshape(-1)[0])
+                         if np.size(r.get(k, np.nan)) else np.nan for r in rows])
+          for k in keys}
+
+
+def per_leaf(s: Mapping[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
+  """Leaf name -> series of the first transform (observers first) that
+  records ``role`` per leaf."""
+  out: dict[str, np.ndarray] = {}
+  for k in role_keys(role, list(s), per_leaf=True):
+    out.setdefault(k.split("/", 2)[2], s[k])
+  return out
+
+
+def depth_order(names: Sequence[str]) -> list[str]:
+  """The weight leaves of ``names`` (every name if none is a weight) in
+  depth order."""
+  return sorted([n for n in names if _WEIGHT.search(n)] or list(names),
+                key=depth_key)
+
+
+def depth_profile(history: Any) -> tuple[list[str], np.ndarray]:
+  """The recorded per-layer gradient norms in depth order.
+
+  Returns ``(layers, norms)``: the weight leaves (``kernel``, ``weight``,
+  ``w*``; every leaf if none is named so) from input to output, read-out
+  layers (``out``, ``head``, ...) last, and a ``(steps, layers)`` array of
+  their norms (role ``leaf_norm``, from ``gt.monitor(per_leaf=True)``).
+  Empty when no per-leaf norm was recorded.
+  """
+  s = series(history)
+  leaves = per_leaf(s, "leaf_norm")
+  weights = depth_order(sorted(leaves, key=natural))
+  steps = len(next(iter(s.values()))) if s else 0
+  if not weights:
+    return [], np.zeros((steps, 0))
+  return weights, np.stack([leaves[n] for n in weights], axis=1)
+
+
+@dataclasses.dataclass
+class Series:
+  """A history as the later steps read it. ``end``: the first non-finite
+  step (or ``steps``); ``healthy``: the finite, positive norms before it;
+  ``leaves``/``ratios``: per-leaf norms / update ratios by leaf name;
+  ``names``: the leaves with norms, natural order; ``weights``: the layers
+  in depth order; ``bad_layers``: leaves non-finite at ``first_bad``."""
+  s: dict[str, np.ndarray]
+  norm_key: str
+  norm: np.ndarray
+  steps: int
+  loss: np.ndarray | None
+  first_bad: int | None
+  end: int
+  healthy: np.ndarray
+  leaves: dict[str, np.ndarray]
+  names: list[str]
+  ratios: dict[str, np.ndarray]
+  weights: list[str]
+  bad_layers: list[str]
+
+
+def read(history: Any, loss: Sequence[float] | None = None) -> Series:
+  """Step 1: the history's series, or a ValueError saying what is missing."""
+  if not isinstance(history, Mapping) and not len(list(history)):
+    raise ValueError("diagnose: history is empty; record gt.metrics(state, "
+                     "per_leaf=True) once per step")
+  s = series(history)
+  norm_keys = role_keys("global_norm", list(s))
+  if not norm_keys:
+    raise ValueError("diagnose: history has no global-norm figure; put "
+                     "gt.monitor() (or a detector or clip) in the optimizer")
+  norm_key = norm_keys[0]
+  norm = s[norm_key]
+  steps = len(norm)
+  if steps == 0:
+    raise ValueError("diagnose: history has no steps")
+  bad = ~np.isfinite(norm)
+  loss_arr = None
+  if loss is not None:
+    loss_arr = np.asarray(loss, np.float64).reshape(-1)
+    if len(loss_arr) != steps:
+      raise ValueError(f"diagnose: loss has {len(loss_arr)} values but the "
+                       f"history has {steps} steps; pass one loss per step")
+    bad |= ~np.isfinite(loss_arr)
+  first_bad = int(np.argmax(bad)) if bad.any() else None
+  leaves = per_leaf(s, "leaf_norm")
+  names = sorted(leaves, key=natural)
+  bad_layers = ([n for n in names if not np.isfinite(leaves[n][first_bad])]
+                if first_bad is not None else [])
+  end = first_bad if first_bad is not None else steps
+  healthy = norm[:end][np.isfinite(norm[:end]) & (norm[:end] > 0)]
+  ratios = per_leaf(s, "update_ratio")
+  weights = depth_order(names or sorted(ratios, key=natural))  # ratios alone
+  return Series(s, norm_key, norm, steps, loss_arr, first_bad, end, healthy,
+                leaves, names, ratios, weights, bad_layers)
