@@ -20,7 +20,9 @@ with a small scale lowers the effective learning rate; a fixed threshold
 that is never reached does nothing.
 
 The pipeline, one module per step, each callable alone:
-:func:`series.read` (read the series) -> :func:`regime.measure` and
+:func:`series.read` (read the series) -> :func:`faults.find_faults` and
+:func:`faults.contained` (a guard's skips and clipped spikes: the run is
+read without them when all were contained) -> :func:`regime.measure` and
 :func:`regime.find_regime` (find the regime) -> :func:`explain.explain`
 (explain it) -> :func:`clips.check_clips` (check the clips) ->
 :func:`report.write_report` (write the report).
@@ -30,18 +32,22 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from gradtransforms.diagnose.clips import check_clips
 from gradtransforms.diagnose.explain import explain
+from gradtransforms.diagnose.faults import (contained, fault_lines,
+                                            find_faults, without)
 from gradtransforms.diagnose.findings import (SATURATING_FACTOR, SPIKE_FACTOR,
                                               STALL, TIGHT_ACTIVE, TIGHT_SCALE,
                                               UPDATE_RATIO_FLOOR,
                                               VANISHING_RATIO, ClipFinding,
-                                              Diagnosis)
+                                              Diagnosis, Fault)
 from gradtransforms.diagnose.regime import find_regime, measure
 from gradtransforms.diagnose.report import write_report
 from gradtransforms.diagnose.series import depth_profile, read
 
-__all__ = ["diagnose", "Diagnosis", "ClipFinding", "depth_profile",
+__all__ = ["diagnose", "Diagnosis", "ClipFinding", "Fault", "depth_profile",
            "VANISHING_RATIO", "SATURATING_FACTOR", "UPDATE_RATIO_FLOOR",
            "STALL", "SPIKE_FACTOR", "TIGHT_ACTIVE", "TIGHT_SCALE"]
 
@@ -73,17 +79,29 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
     (saturating activations, depth, recurrence) only for one that vanished.
   """
   r = read(history, loss)
+  faults = find_faults(history, r)
+  is_contained = contained(r, faults)
+  whole = r
+  if is_contained:  # diagnose the other steps: a skipped NaN is no explosion
+    r = read(*without(r, faults))
+    r.steps, r.zero_leaves = whole.steps, whole.zero_leaves
   f = measure(r)
   regime, evidence = find_regime(r, f)
   causes, remedies = explain(r, f, regime)
-  clips, clip_lines, clip_causes = check_clips(r, f)
+  clips, clip_lines, clip_causes = check_clips(r, f, advise=not is_contained)
   causes += clip_causes
-  report = write_report(r, f, regime, evidence, clips, clip_lines, causes)
+  typical = float(np.median(r.healthy)) if r.healthy.size else None
+  report = write_report(r, f, regime, evidence, clips, clip_lines, causes,
+                        fault_lines(faults, is_contained, typical), whole,
+                        len(faults) if is_contained else 0)
   w = r.weights
+  bad_layers = whole.bad_layers or [
+      x.layer for x in faults[:1] if x.kind == "non-finite" and x.layer]
   return Diagnosis(
-      r.steps, r.first_bad, r.bad_layers, f.growth, f.doubling, f.depth,
+      whole.steps, whole.first_bad, bad_layers, f.growth, f.doubling, f.depth,
       w[0] if w else None, w[-1] if w else None, f.suggested, causes, report,
       regime=regime, evidence=evidence, remedies=remedies,
       layer_factor=f.factor, spike_steps=f.spikes, first_update_ratio=f.first_ur,
       last_update_ratio=f.last_ur, loss_change=f.loss_change, dead_layers=f.dead,
-      clips=clips)
+      clips=clips, faults=faults, contained=is_contained,
+      zero_leaves=whole.zero_leaves)

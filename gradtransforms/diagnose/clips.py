@@ -19,6 +19,13 @@ from gradtransforms.diagnose.regime import Figures
 from gradtransforms.diagnose.series import Series
 
 
+THRESHOLD_ARGS = ("max_norm", "max_abs", "threshold", "clipping")
+"""Constructor arguments that are a clip's bound: under
+``optax.inject_hyperparams`` ``gt.metrics`` reports their current value
+each step (``"clip_by_global_norm/max_norm"``), read as the threshold in
+force where the state records none."""
+
+
 def _by_instance(s: Mapping[str, np.ndarray], end: int
                  ) -> dict[str, dict[str, Any]]:
   """Transform instance (key head) -> its clip series by role."""
@@ -34,6 +41,11 @@ def _by_instance(s: Mapping[str, np.ndarray], end: int
         elif role == "clip_scale" and rest.startswith(fig + "/"):
           heads.setdefault(head, {}).setdefault("leaf_scales", []).append(
               s[k][:end])
+  for head, f in heads.items():  # an injected (scheduled) bound, per step
+    for hp in THRESHOLD_ARGS:
+      if "threshold" not in f and f"{head}/{hp}" in s:
+        f["threshold"] = s[f"{head}/{hp}"][:end]
+        f["scheduled"] = True
   return heads
 
 
@@ -75,8 +87,14 @@ def _finding(head: str, f: dict[str, Any], pre_norm: np.ndarray
   else:
     verdict = "ok"
   finite_norm = norm[ok][np.isfinite(norm[ok])]
+  bound = f.get("threshold")
+  path = None
+  if bound is not None and adaptive and f.get("scheduled"):
+    b = bound[np.isfinite(bound)]
+    path = (float(b[0]), float(b[-1])) if b.size else None
   return ClipFinding(head, verdict, frac, median_scale, threshold, adaptive,
-                     float(finite_norm.max()) if finite_norm.size else None)
+                     float(finite_norm.max()) if finite_norm.size else None,
+                     path)
 
 
 def clip_findings(s: Mapping[str, np.ndarray], end: int, pre_norm: np.ndarray
@@ -111,9 +129,11 @@ def _fix(c: ClipFinding, fell: float | None, suggested: float | None) -> str:
           "gt.autoclip())")
 
 
-def check_clips(r: Series, f: Figures
+def check_clips(r: Series, f: Figures, advise: bool = True
                 ) -> tuple[list[ClipFinding], list[str], list[str]]:
-  """Step 5: ``(findings, report lines, causes)`` of the run's clips."""
+  """Step 5: ``(findings, report lines, causes)`` of the run's clips.
+  ``advise=False``: no threshold advice for a clip that was never reached
+  (a run whose faults were contained needs none)."""
   clips = clip_findings(r.s, r.end, r.norm)
   # How far the pre-clip norm fell over the run (first against last 10%):
   # a clip acting on norms that fall by orders of magnitude may be holding
@@ -126,6 +146,9 @@ def check_clips(r: Series, f: Figures
   suggested = f.suggested
   for c in clips:
     thr = f" (threshold {c.threshold:.3g})" if c.threshold is not None else ""
+    if c.threshold_path is not None:
+      thr = (f" (threshold {c.threshold_path[0]:.3g} -> "
+             f"{c.threshold_path[1]:.3g}, median {c.threshold:.3g})")
     if c.verdict == "over-tight":
       assert c.median_scale is not None
       causes.append(
@@ -140,7 +163,8 @@ def check_clips(r: Series, f: Figures
       most = f", largest pre-clip norm {c.max_norm:.3g}" if c.max_norm else ""
       sug = (f"; a threshold near {suggested:.3g} (90th percentile of the "
              "pre-clip norms) would bound the largest 10% of steps, or use "
-             "gt.zclip() for spikes only" if suggested is not None else "")
+             "gt.zclip() for spikes only" if suggested is not None and advise
+             else "")
       lines.append(f"- clip {c.name}{thr}: never reached in {r.end} steps"
                    f"{most}; it does nothing{sug}")
     else:

@@ -41,6 +41,24 @@ class ClipFinding:
   threshold: float | None  # median bound in force (None: not recorded)
   adaptive: bool  # the threshold moved during the run
   max_norm: float | None  # largest finite pre-clip norm
+  # first and last bound of a scheduled threshold (an injected
+  # hyperparameter, optax.inject_hyperparams) that moved; None otherwise
+  threshold_path: tuple[float, float] | None = None
+
+
+@dataclasses.dataclass
+class Fault:
+  """One faulty step :func:`diagnose` found. ``kind``: ``"non-finite"``,
+  ``"norm spike"`` or ``"loss spike"``; ``action``: ``"skipped"`` (a
+  guard's skip flag), ``"clipped"`` (a clip scaled the step down) or
+  ``"none"``; ``by``: the transform that acted; ``layer``: the leaf (layer
+  slice) the state blamed, if any; ``norm``: the step's global norm."""
+  step: int
+  kind: str
+  action: str
+  layer: str | None
+  norm: float | None
+  by: str | None = None
 
 
 @dataclasses.dataclass
@@ -48,7 +66,12 @@ class Diagnosis:
   """What :func:`diagnose` found. ``report`` is the plain-language summary;
   ``regime`` is ``"exploding"``, ``"vanishing"`` or ``"healthy"``;
   ``causes`` name the likely causes of that regime (and an over-tight clip),
-  each with its remedies; ``evidence`` the figures behind the regime."""
+  each with its remedies; ``evidence`` the figures behind the regime.
+  ``faults`` lists the non-finite, spiking or guard-flagged steps;
+  ``contained`` says each was skipped or clipped and the run was healthy
+  after, in which case the regime is read from the other steps (a skipped
+  NaN is not an explosion). ``zero_leaves``: leaves whose gradient was zero
+  on every step (zero by construction), left out of the depth profile."""
   steps: int
   first_nonfinite_step: int | None
   first_nonfinite_layers: list[str]
@@ -70,6 +93,9 @@ class Diagnosis:
   loss_change: float | None = None  # relative, over the second half
   dead_layers: list[str] = dataclasses.field(default_factory=list)
   clips: list[ClipFinding] = dataclasses.field(default_factory=list)
+  faults: list[Fault] = dataclasses.field(default_factory=list)
+  contained: bool = False  # every fault acted on, the run healthy after
+  zero_leaves: list[str] = dataclasses.field(default_factory=list)
 
   def __str__(self) -> str:
     return self.report

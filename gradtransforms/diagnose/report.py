@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from gradtransforms.diagnose.findings import UPDATE_RATIO_FLOOR, ClipFinding
@@ -65,11 +67,25 @@ def _figure_lines(r: Series, f: Figures, regime: str,
 
 def write_report(r: Series, f: Figures, regime: str, evidence: list[str],
                  clips: list[ClipFinding], clip_lines: list[str],
-                 causes: list[str]) -> str:
-  """Step 6: the plain-language report."""
-  lines = [f"Gradient diagnosis over {r.steps} steps ({r.norm_key}):",
-           _headline(regime, evidence, clips)]
-  lines += _figure_lines(r, f, regime, clips)
+                 causes: list[str], fault_lines: Sequence[str] = (),
+                 whole: Series | None = None, contained_faults: int = 0
+                 ) -> str:
+  """Step 6: the plain-language report. ``whole``: the run with its
+  ``contained_faults``, where ``r`` is read without them."""
+  head = _headline(regime, evidence, clips)
+  if contained_faults:
+    n = contained_faults
+    head += f"; {'a fault' if n == 1 else f'{n} faults'} contained"
+  lines = [f"Gradient diagnosis over {r.steps} steps ({r.norm_key}):", head]
+  lines += fault_lines
+  figures = _figure_lines(r, f, regime, clips)
+  if whole is not None and whole is not r and whole.first_bad is not None:
+    figures[0] = (f"- first non-finite gradient at step {whole.first_bad} "
+                  "(contained)")
+  lines += figures
+  if r.zero_leaves:
+    lines.append(f"- left out of the depth profile: {_more(r.zero_leaves, 3)}"
+                 " (zero gradient on every step: zero by construction)")
   lines += clip_lines
   lines += [f"- likely cause: {c}" for c in causes]
   if regime == "healthy" and not causes:

@@ -81,11 +81,55 @@ def per_leaf(s: Mapping[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
   return out
 
 
+_INDEX = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def layer_key(s: str):
+  """Depth order of a segment name: layers not on a layer axis first (in
+  natural order: ``layers/2`` before ``layers/10``), then the slices of
+  stacked layers by their index ``[i]`` (every leaf of layer 0, then of
+  layer 1, ...), read-out layers last."""
+  m = _INDEX.match(s)
+  base, i = (m.group(1), int(m.group(2))) if m else (s, -1)
+  return (bool(_READOUT.search(base)), i, natural(base))
+
+
 def depth_order(names: Sequence[str]) -> list[str]:
   """The weight leaves of ``names`` (every name if none is a weight) in
-  depth order."""
+  depth order; a layer slice ``"blocks/w[3]"`` is a weight if its leaf is."""
+  bare = lambda n: _INDEX.sub(r"\1", n)
+  if any(_INDEX.match(n) for n in names):
+    return sorted([n for n in names if _WEIGHT.search(bare(n))]
+                  or list(names), key=layer_key)
   return sorted([n for n in names if _WEIGHT.search(n)] or list(names),
                 key=depth_key)
+
+
+def always_zero(leaves: Mapping[str, np.ndarray]) -> list[str]:
+  """Leaves whose recorded norm is zero on every step with a finite one:
+  zero by construction (a key bias under softmax attention, an unused
+  parameter), not layers that stopped learning."""
+  out = []
+  for n, v in leaves.items():
+    ok = np.isfinite(v)
+    if ok.any() and not np.any(v[ok] != 0):
+      out.append(n)
+  return out
+
+
+def segment_names(history: Any, head: str) -> list[str]:
+  """The segment names of ``head``'s per-leaf figures in the order the
+  history holds them (``gt.metrics`` writes them in the state's segment
+  order, the order a ``culprit`` index counts in)."""
+  keys = history.keys() if isinstance(history, Mapping) else (
+      dict.fromkeys(k for r in history for k in r))
+  by_fig: dict[str, list[str]] = {}
+  for k in keys:
+    h, _, rest = k.partition("/")
+    fig, sep, leaf = rest.partition("/")
+    if h == head and sep:
+      by_fig.setdefault(fig, []).append(leaf)
+  return next(iter(by_fig.values()), [])
 
 
 def depth_profile(history: Any) -> tuple[list[str], np.ndarray]:
@@ -93,13 +137,16 @@ def depth_profile(history: Any) -> tuple[list[str], np.ndarray]:
 
   Returns ``(layers, norms)``: the weight leaves (``kernel``, ``weight``,
   ``w*``; every leaf if none is named so) from input to output, read-out
-  layers (``out``, ``head``, ...) last, and a ``(steps, layers)`` array of
+  layers (``out``, ``head``, ...) last, slices of stacked layers by their
+  index (:func:`layer_key`), leaves zero on every step left out, and a ``(steps, layers)`` array of
   their norms (role ``leaf_norm``, from ``gt.monitor(per_leaf=True)``).
   Empty when no per-leaf norm was recorded.
   """
   s = series(history)
   leaves = per_leaf(s, "leaf_norm")
-  weights = depth_order(sorted(leaves, key=natural))
+  zero = set(always_zero(leaves))
+  weights = depth_order([n for n in sorted(leaves, key=natural)
+                         if n not in zero])
   steps = len(next(iter(s.values()))) if s else 0
   if not weights:
     return [], np.zeros((steps, 0))
@@ -112,7 +159,8 @@ class Series:
   step (or ``steps``); ``healthy``: the finite, positive norms before it;
   ``leaves``/``ratios``: per-leaf norms / update ratios by leaf name;
   ``names``: the leaves with norms, natural order; ``weights``: the layers
-  in depth order; ``bad_layers``: leaves non-finite at ``first_bad``."""
+  in depth order; ``bad_layers``: leaves non-finite at ``first_bad``;
+  ``zero_leaves``: leaves zero on every step, left out of ``weights``."""
   s: dict[str, np.ndarray]
   norm_key: str
   norm: np.ndarray
@@ -126,6 +174,7 @@ class Series:
   ratios: dict[str, np.ndarray]
   weights: list[str]
   bad_layers: list[str]
+  zero_leaves: list[str] = dataclasses.field(default_factory=list)
 
 
 def read(history: Any, loss: Sequence[float] | None = None) -> Series:
@@ -159,6 +208,8 @@ def read(history: Any, loss: Sequence[float] | None = None) -> Series:
   end = first_bad if first_bad is not None else steps
   healthy = norm[:end][np.isfinite(norm[:end]) & (norm[:end] > 0)]
   ratios = per_leaf(s, "update_ratio")
-  weights = depth_order(names or sorted(ratios, key=natural))  # ratios alone
+  zero = always_zero(leaves)
+  weights = depth_order([n for n in names if n not in zero]
+                        or sorted(ratios, key=natural))  # ratios alone
   return Series(s, norm_key, norm, steps, loss_arr, first_bad, end, healthy,
-                leaves, names, ratios, weights, bad_layers)
+                leaves, names, ratios, weights, bad_layers, zero)
