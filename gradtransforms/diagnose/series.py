@@ -179,9 +179,10 @@ class Series:
 
 def read(history: Any, loss: Sequence[float] | None = None) -> Series:
   """Step 1: the history's series, or a ValueError saying what is missing."""
-  if not isinstance(history, Mapping) and not len(list(history)):
-    raise ValueError("diagnose: history is empty; record gt.metrics(state, "
-                     "per_leaf=True) once per step")
+  if (not len(list(history)) if not isinstance(history, Mapping) else
+      any(np.ndim(v) >= 1 and len(v) == 0 for v in history.values())):
+    raise ValueError("diagnose: history is empty (no steps recorded); record "
+                     "gt.metrics(state, per_leaf=True) once per step")
   s = series(history)
   norm_keys = role_keys("global_norm", list(s))
   if not norm_keys:
