@@ -88,10 +88,11 @@ def layer_key(s: str):
   """Depth order of a segment name: layers not on a layer axis first (in
   natural order: ``layers/2`` before ``layers/10``), then the slices of
   stacked layers by their index ``[i]`` (every leaf of layer 0, then of
-  layer 1, ...), read-out layers last."""
+  layer 1, ...), read-out layers last (a slice of a stack is never the
+  read-out: ``blocks/attn/out/kernel[0]`` is in block 0)."""
   m = _INDEX.match(s)
   base, i = (m.group(1), int(m.group(2))) if m else (s, -1)
-  return (bool(_READOUT.search(base)), i, natural(base))
+  return (i < 0 and bool(_READOUT.search(base)), i, natural(base))
 
 
 def depth_order(names: Sequence[str]) -> list[str]:
