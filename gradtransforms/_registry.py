@@ -68,3 +68,8 @@ def with_role(role: str) -> list[tuple[str, str]]:
   if role not in ROLES:
     raise ValueError(f"unknown role {role!r}; choose from {sorted(ROLES)}")
   return [(i.name, i.roles[role]) for i in _REGISTRY.values() if role in i.roles]
+
+
+def by_name(name: str) -> Info | None:
+  """The registration of the state class registered as ``name``."""
+  return next((i for i in _REGISTRY.values() if i.name == name), None)

@@ -290,3 +290,14 @@ def test_layer_axes_refuses_what_would_silently_cut_an_embedding():
   p = {"w": jnp.ones((3, 4, 2)), "b": jnp.ones((3, 2))}
   assert gt.leaf_names(p, 0) == [f"b[{i}]" for i in range(3)] + [
       f"w[{i}]" for i in range(3)]
+
+
+def test_diagnose_reads_dashboard_rows_alike(guarded_run):
+  """One logging loop: the rows logged to a dashboard are what diagnose
+  reads, with the same conclusions as from gt.metrics rows."""
+  d = gt.diagnose(guarded_run["dash"], guarded_run["losses"])
+  m = gt.diagnose(guarded_run["hist"], guarded_run["losses"])
+  assert d.contained and d.regime == "healthy", d.report
+  assert [(f.step, f.kind, f.action, f.layer) for f in d.faults] == [
+      (f.step, f.kind, f.action, f.layer) for f in m.faults]
+  assert not d.causes and not d.remedies

@@ -31,12 +31,26 @@ def _first(s: Mapping[str, np.ndarray], role: str) -> tuple[str | None, Any]:
   return (keys[0], s[keys[0]]) if keys else (None, None)
 
 
+def _named_culprits(s: Mapping[str, np.ndarray]) -> dict[int, str]:
+  """Step -> blamed leaf, from ``gt.dashboard`` rows
+  (``"guard/culprit/<leaf>": step``, present from the first event on)."""
+  out: dict[int, str] = {}
+  for k, v in s.items():
+    head, sep, leaf = k.partition("/culprit/")
+    if not sep or "/" in head:
+      continue
+    for t in range(len(v)):
+      if np.isfinite(v[t]) and (t == 0 or not v[t] == v[t - 1]):
+        out[t] = leaf
+  return out
+
+
 def _culprits(history: Any, s: Mapping[str, np.ndarray]) -> dict[int, str]:
   """Step -> the segment the detector blamed at that step."""
   key, idx = _first(s, "culprit")
   _, at = _first(s, "culprit_step")
   if key is None or at is None:
-    return {}
+    return _named_culprits(s)
   names = segment_names(history, key.partition("/")[0])
   out = {}
   for t in range(len(idx)):

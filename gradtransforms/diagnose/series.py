@@ -72,6 +72,25 @@ def series(history: Any) -> dict[str, np.ndarray]:
           for k in keys}
 
 
+def from_dashboard(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Rows of ``gt.dashboard`` read like ``gt.metrics`` rows: a guard's own
+  detector figures (``guard/norm``) go back under the detector's
+  registered name (``detect_spikes@guard/norm``) so the roles find them."""
+  guards = {n for n, _ in _registry.with_role("skip")}
+  detectors = [_registry.by_name(n) for n, _ in _registry.with_role("culprit")]
+  out = {}
+  for k, v in s.items():
+    head, _, fig = k.partition("/")
+    own = _registry.by_name(head.split("@")[0])
+    det = next((d for d in detectors if d is not None and fig in d.figures),
+               None)
+    if (head.split("@")[0] in guards and own is not None and det is not None
+        and fig not in own.figures):
+      k = f"{det.name}@{head}/{fig}"
+    out[k] = v
+  return out
+
+
 def per_leaf(s: Mapping[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
   """Leaf name -> series of the first transform (observers first) that
   records ``role`` per leaf."""
@@ -184,7 +203,7 @@ def read(history: Any, loss: Sequence[float] | None = None) -> Series:
       any(np.ndim(v) >= 1 and len(v) == 0 for v in history.values())):
     raise ValueError("diagnose: history is empty (no steps recorded); record "
                      "gt.metrics(state, per_leaf=True) once per step")
-  s = series(history)
+  s = from_dashboard(series(history))
   norm_keys = role_keys("global_norm", list(s))
   if not norm_keys:
     raise ValueError("diagnose: history has no global-norm figure; put "
