@@ -301,3 +301,12 @@ def test_diagnose_reads_dashboard_rows_alike(guarded_run):
   assert [(f.step, f.kind, f.action, f.layer) for f in d.faults] == [
       (f.step, f.kind, f.action, f.layer) for f in m.faults]
   assert not d.causes and not d.remedies
+
+
+def test_steps_are_the_optimizers_when_the_history_starts_late(guarded_run):
+  """Rows logged from step 30 on: the report names steps as the guard and
+  gt.culprits count them, not row positions."""
+  d = gt.diagnose(guarded_run["dash"][30:], guarded_run["losses"][30:])
+  assert [f.step for f in d.faults] == [NAN_AT, BIG_AT]
+  assert d.first_nonfinite_step == NAN_AT
+  assert f"fault at step {NAN_AT}:" in d.report and "steps 30 to" in d.report

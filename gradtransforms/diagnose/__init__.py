@@ -85,6 +85,7 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
   if is_contained:  # diagnose the other steps: a skipped NaN is no explosion
     r = read(*without(r, faults))
     r.steps, r.zero_leaves = whole.steps, whole.zero_leaves
+    r.first_step, r.norm_key = whole.first_step, whole.norm_key
   f = measure(r)
   regime, evidence = find_regime(r, f)
   causes, remedies = explain(r, f, regime)
@@ -98,10 +99,11 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
   bad_layers = whole.bad_layers or [
       x.layer for x in faults[:1] if x.kind == "non-finite" and x.layer]
   return Diagnosis(
-      whole.steps, whole.first_bad, bad_layers, f.growth, f.doubling, f.depth,
+      whole.steps, None if whole.first_bad is None
+      else whole.first_step + whole.first_bad, bad_layers, f.growth, f.doubling, f.depth,
       w[0] if w else None, w[-1] if w else None, f.suggested, causes, report,
       regime=regime, evidence=evidence, remedies=remedies,
-      layer_factor=f.factor, spike_steps=f.spikes, first_update_ratio=f.first_ur,
+      layer_factor=f.factor, spike_steps=[r.first_step + t for t in f.spikes], first_update_ratio=f.first_ur,
       last_update_ratio=f.last_ur, loss_change=f.loss_change, dead_layers=f.dead,
       clips=clips, faults=faults, contained=is_contained,
       zero_leaves=whole.zero_leaves)

@@ -62,7 +62,7 @@ def explosion(r: Series, f: Figures) -> tuple[list[str], list[str]]:
         "gradients through time; clip the global norm, shorten BPTT, or use a "
         "gated cell (LSTM/GRU)")
   if f.spikes:
-    shown = ", ".join(map(str, f.spikes[:5])) + (
+    shown = ", ".join(str(r.first_step + t) for t in f.spikes[:5]) + (
         " ..." if len(f.spikes) > 5 else "")
     causes.append(
         f"bad batches: isolated norm spikes at step(s) {shown} in an otherwise "

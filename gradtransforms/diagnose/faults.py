@@ -89,7 +89,8 @@ def _clipped(s: Mapping[str, np.ndarray], t: int) -> str | None:
 
 
 def find_faults(history: Any, r: Series) -> list[Fault]:
-  """Every fault of the run, in step order."""
+  """Every fault of the run, in step order (steps as the optimizer counts
+  them: ``r.first_step`` + row)."""
   s, norm = r.s, r.norm
   bad = ~np.isfinite(norm)
   if r.loss is not None:
@@ -110,7 +111,8 @@ def find_faults(history: Any, r: Series) -> list[Fault]:
       by = None if bad[t] else _clipped(s, t)
       action = "clipped" if by else "none"
     layer = blamed.get(t) or (_leaf_at(r, t, bool(bad[t])) if r.names else None)
-    out.append(Fault(t, kind, action, layer, float(norm[t]), by))
+    out.append(Fault(r.first_step + t, kind, action, layer, float(norm[t]),
+                     by))
   return out
 
 
@@ -118,7 +120,8 @@ def contained(r: Series, faults: list[Fault]) -> bool:
   """Every fault acted on, and the run healthy after the last one."""
   if not faults or any(f.action == "none" for f in faults):
     return False
-  first, last = faults[0].step, faults[-1].step
+  first, last = (faults[0].step - r.first_step,
+                 faults[-1].step - r.first_step)
   after = r.norm[last + 1:]
   if not after.size or not np.all(np.isfinite(after)):
     return False
@@ -132,7 +135,7 @@ def contained(r: Series, faults: list[Fault]) -> bool:
 def without(r: Series, faults: list[Fault]) -> tuple[dict[str, np.ndarray],
                                                       np.ndarray | None]:
   """The history's series and losses with the fault steps taken out."""
-  drop = [f.step for f in faults]
+  drop = [f.step - r.first_step for f in faults]
   s = {k: np.delete(v, drop) for k, v in r.s.items()}
   return s, None if r.loss is None else np.delete(r.loss, drop)
 

@@ -166,7 +166,7 @@ def find_regime(r: Series, f: Figures) -> tuple[str, list[str]]:
   evidence: list[str] = []
   if exploding(r, f):
     if r.first_bad is not None:
-      evidence.append(f"non-finite at step {r.first_bad}")
+      evidence.append(f"non-finite at step {r.first_step + r.first_bad}")
     if f.sustained:
       evidence.append(f"norm grows x{np.exp(f.growth):.2f} per step")
     if f.spikes:

@@ -33,7 +33,8 @@ def _figure_lines(r: Series, f: Figures, regime: str,
   w = r.weights
   if r.first_bad is not None:
     where = f" in {_more(r.bad_layers)}" if r.bad_layers else ""
-    lines.append(f"- first non-finite gradient at step {r.first_bad}{where}")
+    lines.append(f"- first non-finite gradient at step "
+                 f"{r.first_step + r.first_bad}{where}")
   else:
     lines.append("- no non-finite gradient")
   if f.growth is not None:
@@ -76,12 +77,15 @@ def write_report(r: Series, f: Figures, regime: str, evidence: list[str],
   if contained_faults:
     n = contained_faults
     head += f"; {'a fault' if n == 1 else f'{n} faults'} contained"
-  lines = [f"Gradient diagnosis over {r.steps} steps ({r.norm_key}):", head]
+  span = (f"steps {r.first_step} to {r.first_step + r.steps - 1}; "
+          if r.first_step else "")
+  lines = [f"Gradient diagnosis over {r.steps} steps ({span}{r.norm_key}):",
+           head]
   lines += fault_lines
   figures = _figure_lines(r, f, regime, clips)
   if whole is not None and whole is not r and whole.first_bad is not None:
-    figures[0] = (f"- first non-finite gradient at step {whole.first_bad} "
-                  "(contained)")
+    figures[0] = (f"- first non-finite gradient at step "
+                  f"{whole.first_step + whole.first_bad} (contained)")
   lines += figures
   if r.zero_leaves:
     lines.append(f"- left out of the depth profile: {_more(r.zero_leaves, 3)}"

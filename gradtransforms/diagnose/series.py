@@ -72,13 +72,15 @@ def series(history: Any) -> dict[str, np.ndarray]:
           for k in keys}
 
 
-def from_dashboard(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def from_dashboard(s: dict[str, np.ndarray]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Rows of ``gt.dashboard`` read like ``gt.metrics`` rows: a guard's own
   detector figures (``guard/norm``) go back under the detector's
-  registered name (``detect_spikes@guard/norm``) so the roles find them."""
+  registered name (``detect_spikes@guard/norm``) so the roles find them.
+  Returns the series and ``{new key: the key as logged}``."""
   guards = {n for n, _ in _registry.with_role("skip")}
   detectors = [_registry.by_name(n) for n, _ in _registry.with_role("culprit")]
-  out = {}
+  out, shown = {}, {}
   for k, v in s.items():
     head, _, fig = k.partition("/")
     own = _registry.by_name(head.split("@")[0])
@@ -86,9 +88,10 @@ def from_dashboard(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                None)
     if (head.split("@")[0] in guards and own is not None and det is not None
         and fig not in own.figures):
+      shown[f"{det.name}@{head}/{fig}"] = k
       k = f"{det.name}@{head}/{fig}"
     out[k] = v
-  return out
+  return out, shown
 
 
 def per_leaf(s: Mapping[str, np.ndarray], role: str) -> dict[str, np.ndarray]:
@@ -180,7 +183,11 @@ class Series:
   ``leaves``/``ratios``: per-leaf norms / update ratios by leaf name;
   ``names``: the leaves with norms, natural order; ``weights``: the layers
   in depth order; ``bad_layers``: leaves non-finite at ``first_bad``;
-  ``zero_leaves``: leaves zero on every step, left out of ``weights``."""
+  ``zero_leaves``: leaves zero on every step, left out of ``weights``;
+  ``first_step``: the optimizer's 0-based step index of the first row
+  (read from a recorded ``step`` counter; 0 without one): every step the
+  report names is ``first_step + row``, the convention of ``gt.culprits``
+  and the dashboard's culprit keys."""
   s: dict[str, np.ndarray]
   norm_key: str
   norm: np.ndarray
@@ -195,6 +202,19 @@ class Series:
   weights: list[str]
   bad_layers: list[str]
   zero_leaves: list[str] = dataclasses.field(default_factory=list)
+  first_step: int = 0  # the optimizer's index of the first row
+
+
+def first_step(s: Mapping[str, np.ndarray], norm_key: str) -> int:
+  """The 0-based index of the first row's step, from a ``step`` counter
+  (update calls so far) that rises by one each row; 0 if none does."""
+  head = norm_key.partition("/")[0]
+  for k in [f"{head}/step"] + sorted(k for k in s if k.endswith("/step")):
+    v = s.get(k)
+    if (v is not None and len(v) and np.all(np.isfinite(v))
+        and np.all(np.diff(v) == 1) and v[0] >= 1):
+      return int(v[0]) - 1
+  return 0
 
 
 def read(history: Any, loss: Sequence[float] | None = None) -> Series:
@@ -203,7 +223,7 @@ def read(history: Any, loss: Sequence[float] | None = None) -> Series:
       any(np.ndim(v) >= 1 and len(v) == 0 for v in history.values())):
     raise ValueError("diagnose: history is empty (no steps recorded); record "
                      "gt.metrics(state, per_leaf=True) once per step")
-  s = from_dashboard(series(history))
+  s, shown = from_dashboard(series(history))
   norm_keys = role_keys("global_norm", list(s))
   if not norm_keys:
     raise ValueError("diagnose: history has no global-norm figure; put "
@@ -232,5 +252,6 @@ def read(history: Any, loss: Sequence[float] | None = None) -> Series:
   zero = always_zero(leaves)
   weights = depth_order([n for n in names if n not in zero]
                         or sorted(ratios, key=natural))  # ratios alone
-  return Series(s, norm_key, norm, steps, loss_arr, first_bad, end, healthy,
-                leaves, names, ratios, weights, bad_layers, zero)
+  return Series(s, shown.get(norm_key, norm_key), norm, steps, loss_arr,
+                first_bad, end, healthy, leaves, names, ratios, weights,
+                bad_layers, zero, first_step(s, norm_key))
