@@ -310,3 +310,28 @@ def test_steps_are_the_optimizers_when_the_history_starts_late(guarded_run):
   assert [f.step for f in d.faults] == [NAN_AT, BIG_AT]
   assert d.first_nonfinite_step == NAN_AT
   assert f"fault at step {NAN_AT}:" in d.report and "steps 30 to" in d.report
+
+
+def test_a_rewound_fault_is_contained(monkeypatch):
+  """The hook for gt.rewind: a state registered with the role "rewind"
+  (the rewind branch registers it) marks its steps as acted on."""
+  from typing import NamedTuple
+
+  from gradtransforms import _registry
+
+  class FakeRewindState(NamedTuple):
+    rewound: object
+
+  monkeypatch.setitem(_registry.ROLES, "rewind", "took the params back")
+  info = _registry.Info("fake_rewind", ("rewound",), {"rewind": "rewound"})
+  monkeypatch.setitem(_registry._REGISTRY, FakeRewindState, info)
+  norm = 1.0 + 0.01 * np.sin(np.arange(60))
+  loss = np.ones(60)
+  loss[30] = 50.0  # a loss spike the rewind took back
+  rewound = np.zeros(60)
+  rewound[30] = 1
+  d = gt.diagnose({"monitor/norm": norm, "fake_rewind/rewound": rewound}, loss)
+  assert d.contained and d.regime == "healthy"
+  assert [(f.step, f.kind, f.action, f.by) for f in d.faults] == [
+      (30, "loss spike", "rewound", "fake_rewind")]
+  assert "rewound by fake_rewind" in d.report

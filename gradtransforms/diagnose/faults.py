@@ -1,9 +1,10 @@
 """The faults of a run and whether they were contained (a ``diagnose`` step).
 
 A *fault* is a step whose gradient norm or loss is non-finite, whose norm
-spikes (``SPIKE_FACTOR`` x the recent median), or that a guard flagged
-(role ``skip``). It is *contained* when something acted on it (a guard
-skipped it, or a clip scaled a finite spike down) and the run was healthy
+spikes (``SPIKE_FACTOR`` x the recent median), that a guard flagged (role
+``skip``) or that a rewind took back (role ``rewind``). It is *contained*
+when something acted on it (a guard skipped it, a rewind restored the
+params, or a clip scaled a finite spike down) and the run was healthy
 after it: every later norm and loss finite, the norm back in its range.
 A run whose every fault was contained is diagnosed on its other steps, so
 a skipped NaN is not an explosion. The layer is named from what the state
@@ -17,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from gradtransforms import _registry
 from gradtransforms.diagnose.findings import Fault
 from gradtransforms.diagnose.regime import spikes
 from gradtransforms.diagnose.series import Series, role_keys, segment_names
@@ -97,16 +99,23 @@ def find_faults(history: Any, r: Series) -> list[Fault]:
     bad |= ~np.isfinite(r.loss)
   skip_key, skip = _first(s, "skip")
   flagged = (skip > 0) if skip is not None else np.zeros(r.steps, bool)
+  # gt.rewind (role "rewind", registered where it is built): a step that
+  # took the params back to a snapshot acted on its fault too.
+  rew_key, rew = (_first(s, "rewind") if "rewind" in _registry.ROLES
+                  else (None, None))
+  rewound = (rew > 0) if rew is not None else np.zeros(r.steps, bool)
   spiked = set(spikes(norm, r.steps))
   blamed = _culprits(history, s)
   out = []
-  for t in sorted(set(np.flatnonzero(bad | flagged)) | spiked):
+  for t in sorted(set(np.flatnonzero(bad | flagged | rewound)) | spiked):
     t = int(t)
     kind = ("non-finite" if bad[t] else "norm spike"
             if t in spiked or t in blamed else "loss spike")
     if skip_key is not None and flagged[t]:
       by: str | None = skip_key.partition("/")[0]
       action = "skipped"
+    elif rew_key is not None and rewound[t]:
+      by, action = rew_key.partition("/")[0], "rewound"
     else:
       by = None if bad[t] else _clipped(s, t)
       action = "clipped" if by else "none"
@@ -155,6 +164,7 @@ def fault_lines(faults: list[Fault], is_contained: bool, typical: float | None
       what += f" ({f.norm:.3g}, x{f.norm / typical:.0f} the median)"
     where = f" in {f.layer}" if f.layer else ""
     acted = {"skipped": f"skipped by {f.by}", "clipped": f"clipped by {f.by}",
+             "rewound": f"rewound by {f.by} (params back to its snapshot)",
              "none": "nothing acted on it"}[f.action]
     lines.append(f"- fault at step {f.step}: {what}{where}; {acted}")
   if len(faults) > 5:

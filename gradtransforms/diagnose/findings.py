@@ -50,8 +50,8 @@ class ClipFinding:
 class Fault:
   """One faulty step :func:`diagnose` found. ``kind``: ``"non-finite"``,
   ``"norm spike"`` or ``"loss spike"``; ``action``: ``"skipped"`` (a
-  guard's skip flag), ``"clipped"`` (a clip scaled the step down) or
-  ``"none"``; ``by``: the transform that acted; ``layer``: the leaf (layer
+  guard's skip flag), ``"rewound"`` (a rewind took the params back to its
+  snapshot), ``"clipped"`` (a clip scaled the step down) or ``"none"``; ``by``: the transform that acted; ``layer``: the leaf (layer
   slice) the state blamed, if any; ``norm``: the step's global norm."""
   step: int
   kind: str
