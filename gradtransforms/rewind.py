@@ -68,8 +68,19 @@ def _all_finite(tree: Any) -> jax.Array:
   return ok
 
 
-def _put(tree: Any, space: Any) -> Any:
-  return tree if space is None else jax.device_put(tree, space)
+def _select(pred: jax.Array, a: Any, b: Any) -> Any:
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _maybe(pred: jax.Array, fn: Any, carry: Any) -> Any:
+  """``fn(carry)`` if ``pred`` else ``carry``, as a ``while_loop`` of 0 or 1
+  trips: a loop carry is updated in place, so a step that skips ``fn`` reads
+  and copies nothing (a ``lax.cond`` made XLA:CPU copy every donated buffer
+  it passes through; XLA:GPU turns a cheap ``cond`` into selects, which read
+  both sides)."""
+  def body(c):
+    return jnp.zeros((), jnp.bool_), fn(c[1])
+  return lax.while_loop(lambda c: c[0], body, (pred, carry))[1]
 
 
 def _any(flag: jax.Array, axis_name: Any) -> jax.Array:
@@ -80,7 +91,7 @@ def _any(flag: jax.Array, axis_name: Any) -> jax.Array:
 
 def rewind(inner: optax.GradientTransformation, every: int = 100, *,
            patience: int | None = None, margin: float = 0.1,
-           max_rewinds: int = 2, offload: bool = False,
+           max_rewinds: int = 2,
            axis_name: str | None = None
            ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` and takes the params back to a snapshot when the run
@@ -88,12 +99,14 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
   restart ~100 steps before a loss spike and skip the batches since).
 
   Snapshot: ``(params, inner_state)`` as ``update`` receives them at step
-  ``k`` (taken at init, ``k = 0``). A window of ``every`` steps follows; at
-  its end (step ``k + every``) the snapshot is refreshed if the window was
-  *clean* (no step bad) and the params are finite; either way a new window
-  starts. A step is bad if a trigger fires, an inner :func:`gt.guard
-  <gradtransforms.guard>` marks it ``bad``, or (with ``patience``) its loss
-  is above ``level + margin``.
+  ``k`` (taken at init, ``k = 0``). Windows of ``every`` steps follow; at
+  the last step ``t`` of a window the snapshot becomes the params and
+  inner state that step ``t + 1`` will receive (``p + u`` computed as
+  ``optax.apply_updates`` does, and ``inner``'s new state), ``k = t + 1``, if
+  the window was *clean* (no step bad) and they are finite; either way a new
+  window starts. A step is bad if a trigger fires, an inner
+  :func:`gt.guard <gradtransforms.guard>` marks it ``bad``, or (with
+  ``patience``) its loss is above ``level + margin``.
 
   Triggers, at step ``t`` with snapshot step ``k``:
 
@@ -126,15 +139,15 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
   ``halt``, save and stop. NaN/Inf never reaches the snapshot (non-finite
   params are never copied; bad windows are not kept).
 
-  Memory: one copy of the params and of ``inner``'s state. With
-  ``offload=True`` (GPU/TPU) they are written to host memory
-  (``jax.memory.Space.Host``, ``pinned_host``) and read back only to
-  rewind; on CPU ``offload`` changes nothing.
+  Memory: one copy of the params and of ``inner``'s state, on the params'
+  devices (no host offload yet: see the module notes).
 
-  Cost: on steps that neither refresh nor rewind, scalar bookkeeping only
-  (both copies sit in ``lax.cond`` branches: on XLA:CPU a step reads no
-  snapshot and no params); a refresh copies the params and inner state
-  once per ``every`` steps.
+  Cost: on steps that neither refresh nor rewind, scalar bookkeeping only:
+  the snapshot copy and the restore sit in a ``while_loop`` of 0 or 1 trips
+  (updated in place: such a step reads neither the snapshot nor the
+  params; ``tests/test_rewind.py`` checks the compiled step on XLA:CPU); a
+  refresh reads the params and inner state and writes the copy once per
+  ``every`` steps; the window end also reads the params once to check them.
 
   State: :class:`RewindState`; figures via ``gt.metrics`` (``rewind/...``).
 
@@ -145,7 +158,6 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       (default): no loss trigger.
     margin: the loss trigger's margin, in loss units (nats), >= 0.
     max_rewinds: rewinds to one snapshot before ``halt``, >= 1.
-    offload: keep the snapshot in host memory (GPU/TPU).
     axis_name: under ``shard_map``/``pmap``: every device takes the same
       decision (the flags are OR-ed over the axis).
   """
@@ -155,11 +167,8 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
     patience = _checks.integer("patience", patience, minimum=1)
   _checks.nonnegative("margin", margin)
   max_rewinds = _checks.integer("max_rewinds", max_rewinds, minimum=1)
-  offload = _checks.boolean("offload", offload)
   axis_name = _checks.axis_name("axis_name", axis_name)
   inner = optax.with_extra_args_support(inner)
-  host = jax.memory.Space.Host if offload else None
-  dev = jax.memory.Space.Device if offload else None
 
   def init_fn(params):
     inner_state = inner.init(params)
@@ -169,9 +178,8 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
         snapshot_step=i, tries=i, since=i, clean=~f, above=i,
         level=jnp.full((), jnp.inf, F32), total=jnp.zeros((), F32), count=i,
         halt=f))
-    snap = _xla.fresh((params, inner_state))
-    return RewindState(**own, snapshot=_put(snap[0], host),
-                       snapshot_inner=_put(snap[1], host),
+    snap, snap_inner = _xla.fresh((params, inner_state))
+    return RewindState(**own, snapshot=snap, snapshot_inner=snap_inner,
                        inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra):
@@ -189,9 +197,8 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       halted = halted | (g.halt & ~old.halt)
       bad = bad | g.bad
     due = state.since + 1 >= every
-    params_ok = lax.cond(due, _all_finite, lambda p: jnp.ones((), jnp.bool_),
-                         params)
-    nonfinite = ~params_ok
+    nonfinite = ~_maybe(due, lambda _: _all_finite(params),
+                        jnp.ones((), jnp.bool_))
     above = state.above
     if loss is not None:
       loss = jnp.asarray(loss, F32)
@@ -206,53 +213,35 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       trigger = trigger | (above >= patience)
     trigger = _any(trigger & ~state.halt, axis_name)
     bad = _any(bad, axis_name) | trigger
-    give_up = trigger & (state.tries >= max_rewinds)
-    halt = state.halt | give_up
-
-    def restore(ops):
-      _, _, params, snap, snap_inner = ops
-      snap, snap_inner = _put((snap, snap_inner), dev)
-      back = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snap, params)
-      return back, snap_inner
-
-    def keep(ops):
-      u, s, *_ = ops
-      return u, s
-
-    def frozen(ops):  # after halt: params stay at the snapshot
-      u, _, _, _, _ = ops
-      return (jax.tree.map(lambda x: jnp.full_like(x, -0.0), u),
-              state.inner_state)
-
-    branch = jnp.where(state.halt, 2, trigger.astype(I32))
-    new_updates, inner_state = lax.switch(
-        branch, (keep, restore, frozen),
-        (new_updates, inner_state, params, state.snapshot,
-         state.snapshot_inner))
-    since = jnp.where(trigger | due, 0, _stats.inc(state.since))
+    halt = state.halt | (trigger & (state.tries >= max_rewinds))
     take = due & ~trigger & state.clean & ~bad & ~halt
+    frozen = state.halt
 
-    def refresh(ops):
-      p, s, *_ = ops
-      return _put(p, host), _put(s, host)
+    def act(carry):
+      u, ist, snap, snap_inner, _ = carry
+      # rewind (or frozen after halt): back to the snapshot
+      back = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snap, params)
+      minus0 = jax.tree.map(lambda x: jnp.full_like(x, -0.0), u)
+      u2 = _select(trigger, back, _select(frozen, minus0, u))
+      ist2 = _select(trigger | frozen, snap_inner, ist)
+      # refresh: the params and inner state the next step will receive,
+      # p + u exactly as optax.apply_updates computes it
+      cand = jax.tree.map(lambda p, d: jnp.asarray(p + d).astype(p.dtype),
+                          params, u)
+      ok = take & _all_finite((cand, ist))
+      return (u2, ist2, _select(ok, cand, snap), _select(ok, ist, snap_inner),
+              ok)
 
-    def hold(ops):
-      *_, snap, snap_inner = ops
-      return _put(snap, host), _put(snap_inner, host)
-
-    snapshot, snapshot_inner = lax.cond(
-        take, refresh, hold,
-        (params, state.inner_state, state.snapshot, state.snapshot_inner))
+    new_updates, inner_state, snapshot, snapshot_inner, took = _maybe(
+        trigger | take | frozen, act,
+        (new_updates, inner_state, state.snapshot, state.snapshot_inner,
+         jnp.zeros((), jnp.bool_)))
     step = state.step
+    total, count = state.total, state.count
     if loss is not None:
       ok = jnp.isfinite(loss) & ~bad
-      total = jnp.where(ok, state.total + jnp.where(ok, loss, 0.0),
-                        state.total)
-      count = _stats.inc(state.count, ok)
-    else:
-      total, count = state.total, state.count
-    level = jnp.where(take & (count > 0), total / jnp.maximum(count, 1),
-                      state.level)
+      total = total + jnp.where(ok, loss, 0.0)
+      count = _stats.inc(count, ok)
     restart = trigger | due
     new = RewindState(
         step=_stats.inc(step), rewound=trigger,
@@ -260,10 +249,13 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
         rewound_to=jnp.where(trigger, state.snapshot_step, state.rewound_to),
         lost=_stats.inc(state.lost, jnp.where(
             trigger, step - state.snapshot_step + 1, 0)),
-        snapshot_step=jnp.where(take, step, state.snapshot_step),
-        tries=jnp.where(take, 0, _stats.inc(state.tries, trigger)),
-        since=since, clean=restart | (state.clean & ~bad),
-        above=jnp.where(trigger, 0, above), level=level,
+        snapshot_step=jnp.where(took, _stats.inc(step), state.snapshot_step),
+        tries=jnp.where(took, 0, _stats.inc(state.tries, trigger)),
+        since=jnp.where(restart, 0, _stats.inc(state.since)),
+        clean=restart | (state.clean & ~bad),
+        above=jnp.where(trigger, 0, above),
+        level=jnp.where(took & (count > 0), total / jnp.maximum(count, 1),
+                        state.level),
         total=jnp.where(restart, 0.0, total),
         count=jnp.where(restart, 0, count), halt=halt,
         snapshot=snapshot, snapshot_inner=snapshot_inner,
