@@ -32,7 +32,7 @@ class RewindState(NamedTuple):
   closed (``inf``: none yet); ``total``/``count``: the current window's loss
   sum and finite count; ``halt``: sticky, see :func:`rewind`;
   ``snapshot``/``snapshot_inner``: the params and ``inner``'s state at
-  ``snapshot_step``; ``inner_state``: ``inner``'s state."""
+  ``snapshot_step`` (the latter as a tuple of its leaves); ``inner_state``: ``inner``'s state."""
   step: jax.Array
   rewound: jax.Array
   rewinds: jax.Array
@@ -113,9 +113,12 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
   * ``halt``: an inner ``gt.guard`` (found anywhere in ``inner``'s state)
     reached ``max_consecutive_errors`` bad steps in a row at this step;
   * ``nonfinite``: the loss (``value=``) is not finite and no guard is
-    inside (a guard skips such a step itself and halts if they persist);
-    or the params are not finite at a window's end (read there, where they
-    are read to copy anyway);
+    inside (a guard skips such a step itself and halts if they persist):
+    the step's update is replaced before it lands; or the params are not
+    finite at a window's end (checked there only, one read per window).
+    Params already Inf/NaN cannot be repaired by an update (``inf + x`` is
+    ``inf`` or ``nan``): this rewind also sets ``halt``; copy
+    ``state.snapshot`` into the params to resume;
   * ``loss`` (``patience`` set, needs ``value=loss``): ``loss_t > level +
     margin`` for ``patience`` steps in a row, ``level`` = the mean finite
     loss of the window the snapshot closed (no level, no trigger, until the
@@ -159,7 +162,7 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
     margin: the loss trigger's margin, in loss units (nats), >= 0.
     max_rewinds: rewinds to one snapshot before ``halt``, >= 1.
     axis_name: under ``shard_map``/``pmap``: every device takes the same
-      decision (the flags are OR-ed over the axis).
+      decision (flags OR-ed, the loss averaged over the axis).
   """
   _checks.transformation("inner", inner)
   every = _checks.integer("every", every, minimum=1)
@@ -179,7 +182,9 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
         level=jnp.full((), jnp.inf, F32), total=jnp.zeros((), F32), count=i,
         halt=f))
     snap, snap_inner = _xla.fresh((params, inner_state))
-    return RewindState(**own, snapshot=snap, snapshot_inner=snap_inner,
+    # inner's snapshot as flat leaves: gt.metrics reads only the live state
+    return RewindState(**own, snapshot=snap,
+                       snapshot_inner=tuple(jax.tree.leaves(snap_inner)),
                        inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra):
@@ -197,11 +202,14 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       halted = halted | (g.halt & ~old.halt)
       bad = bad | g.bad
     due = state.since + 1 >= every
-    nonfinite = ~_maybe(due, lambda _: _all_finite(params),
-                        jnp.ones((), jnp.bool_))
+    broken = _maybe(due, lambda _: _any(~_all_finite(params), axis_name),
+                    jnp.zeros((), jnp.bool_))
+    nonfinite = broken
     above = state.above
     if loss is not None:
       loss = jnp.asarray(loss, F32)
+      if axis_name is not None:
+        loss = lax.pmean(loss, axis_name)
       if not guards:
         nonfinite = nonfinite | ~jnp.isfinite(loss)
       if patience is not None:
@@ -213,12 +221,16 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       trigger = trigger | (above >= patience)
     trigger = _any(trigger & ~state.halt, axis_name)
     bad = _any(bad, axis_name) | trigger
-    halt = state.halt | (trigger & (state.tries >= max_rewinds))
+    # an Inf/NaN param cannot be undone by an update (inf + x is inf or nan)
+    halt = state.halt | (trigger & ((state.tries >= max_rewinds) | broken))
     take = due & ~trigger & state.clean & ~bad & ~halt
     frozen = state.halt
 
+    tdef = jax.tree.structure(inner_state)
+
     def act(carry):
-      u, ist, snap, snap_inner, _ = carry
+      u, ist, snap, flat, _ = carry
+      snap_inner = jax.tree.unflatten(tdef, flat)
       # rewind (or frozen after halt): back to the snapshot
       back = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snap, params)
       minus0 = jax.tree.map(lambda x: jnp.full_like(x, -0.0), u)
@@ -228,9 +240,9 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       # p + u exactly as optax.apply_updates computes it
       cand = jax.tree.map(lambda p, d: jnp.asarray(p + d).astype(p.dtype),
                           params, u)
-      ok = take & _all_finite((cand, ist))
-      return (u2, ist2, _select(ok, cand, snap), _select(ok, ist, snap_inner),
-              ok)
+      ok = take & ~_any(~_all_finite((cand, ist)), axis_name)
+      return (u2, ist2, _select(ok, cand, snap),
+              tuple(jax.tree.leaves(_select(ok, ist, snap_inner))), ok)
 
     new_updates, inner_state, snapshot, snapshot_inner, took = _maybe(
         trigger | take | frozen, act,
