@@ -145,12 +145,17 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
   Memory: one copy of the params and of ``inner``'s state, on the params'
   devices (no host offload yet: see the module notes).
 
-  Cost: on steps that neither refresh nor rewind, scalar bookkeeping only:
-  the snapshot copy and the restore sit in a ``while_loop`` of 0 or 1 trips
-  (updated in place: such a step reads neither the snapshot nor the
-  params; ``tests/test_rewind.py`` checks the compiled step on XLA:CPU); a
-  refresh reads the params and inner state and writes the copy once per
-  ``every`` steps; the window end also reads the params once to check them.
+  Cost: the snapshot and inner state are read only on the steps that
+  refresh or rewind (``while_loop`` of 0 or 1 trips, updated in place; a
+  ``lax.cond`` made XLA:CPU copy every buffer it passes through, and XLA:GPU
+  turns a cheap ``cond`` into selects, which read both sides). A refresh
+  writes the copy once per ``every`` steps, and a window's end reads the
+  params once to check them. Not free: XLA (CPU and GPU alike) copies a
+  donated buffer that enters a loop, so with donated params every step
+  copies the params once (one read and one write of the params), and the
+  update is materialised (a loop carry): 2.7x the params in temporaries on
+  XLA:CPU with Adam, against 1.0x for ``gt.guard``
+  (``tests/test_api.py``).
 
   State: :class:`RewindState`; figures via ``gt.metrics`` (``rewind/...``).
 
@@ -202,8 +207,13 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       halted = halted | (g.halt & ~old.halt)
       bad = bad | g.bad
     due = state.since + 1 >= every
-    broken = _maybe(due, lambda _: _any(~_all_finite(params), axis_name),
-                    jnp.zeros((), jnp.bool_))
+    def check(_):  # at a window's end: are the params (and the next ones) finite
+      fine = _all_finite(params)
+      nxt = fine & _all_finite((new_updates, inner_state))
+      return _any(~fine, axis_name), ~_any(~nxt, axis_name)
+
+    broken, next_ok = _maybe(due, check, (jnp.zeros((), jnp.bool_),
+                                          jnp.zeros((), jnp.bool_)))
     nonfinite = broken
     above = state.above
     if loss is not None:
@@ -223,31 +233,32 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
     bad = _any(bad, axis_name) | trigger
     # an Inf/NaN param cannot be undone by an update (inf + x is inf or nan)
     halt = state.halt | (trigger & ((state.tries >= max_rewinds) | broken))
-    take = due & ~trigger & state.clean & ~bad & ~halt
+    take = due & ~trigger & state.clean & ~bad & ~halt & next_ok
     frozen = state.halt
 
     tdef = jax.tree.structure(inner_state)
 
-    def act(carry):
-      u, ist, snap, flat, _ = carry
-      snap_inner = jax.tree.unflatten(tdef, flat)
-      # rewind (or frozen after halt): back to the snapshot
-      back = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snap, params)
-      minus0 = jax.tree.map(lambda x: jnp.full_like(x, -0.0), u)
-      u2 = _select(trigger, back, _select(frozen, minus0, u))
-      ist2 = _select(trigger | frozen, snap_inner, ist)
-      # refresh: the params and inner state the next step will receive,
-      # p + u exactly as optax.apply_updates computes it
-      cand = jax.tree.map(lambda p, d: jnp.asarray(p + d).astype(p.dtype),
-                          params, u)
-      ok = take & ~_any(~_all_finite((cand, ist)), axis_name)
-      return (u2, ist2, _select(ok, cand, snap),
-              tuple(jax.tree.leaves(_select(ok, ist, snap_inner))), ok)
+    def restore(carry):  # rewind, or frozen after halt: back to the snapshot
+      u, _ = carry
+      u = jax.tree.map(
+          lambda s, p, x: jnp.where(frozen, jnp.asarray(-0.0, x.dtype),
+                                    (s - p).astype(x.dtype)),
+          state.snapshot, params, u)
+      return u, jax.tree.unflatten(tdef, state.snapshot_inner)
 
-    new_updates, inner_state, snapshot, snapshot_inner, took = _maybe(
-        trigger | take | frozen, act,
-        (new_updates, inner_state, state.snapshot, state.snapshot_inner,
-         jnp.zeros((), jnp.bool_)))
+    def refresh(_):
+      # the params and inner state the next step will receive: p + u as
+      # optax.apply_updates computes it (finite inputs, checked above; an
+      # overflow to Inf would be caught at the next window's end)
+      cand = jax.tree.map(lambda p, d: jnp.asarray(p + d).astype(p.dtype),
+                          params, new_updates)
+      return cand, tuple(jax.tree.leaves(inner_state))
+
+    new_updates, inner_state = _maybe(trigger | frozen, restore,
+                                      (new_updates, inner_state))
+    snapshot, snapshot_inner = _maybe(
+        take, refresh, (state.snapshot, state.snapshot_inner))
+    took = take
     step = state.step
     total, count = state.total, state.count
     if loss is not None:
