@@ -27,6 +27,7 @@ from gradtransforms.clipping import (
     clip_by_value,
 )
 from gradtransforms.moment_reset import MomentResetState, with_moment_reset
+from gradtransforms.rewind import RewindState, rewind
 from gradtransforms.spike_clip import SpikeClipState, spike_clip
 from gradtransforms.zclip import ZClipState, zclip
 
@@ -43,12 +44,12 @@ __all__ = [
     "autoclip", "zclip", "adagc", "spike_clip", "with_moment_reset", "clippy",
     "quantile_clip",
     # detection, guards, diagnosis
-    "monitor", "detect_spikes", "guard", "culprits", "diagnose", "Diagnosis",
+    "monitor", "detect_spikes", "guard", "rewind", "culprits", "diagnose", "Diagnosis",
     # reading figures
     "metrics", "dashboard", "leaf_names",
     # states
     "AdaGCState", "AdaptiveGradClipState", "AutoClipState", "ClipByBlockRMSState",
     "ClipByGlobalNormState", "ClipByLeafNormState", "ClipByValueState", "ClippyState",
     "DetectSpikesState", "GuardState", "MomentResetState", "MonitorState",
-    "PerExampleClipState", "QuantileClipState", "SpikeClipState", "ZClipState",
+    "PerExampleClipState", "QuantileClipState", "RewindState", "SpikeClipState", "ZClipState",
 ]

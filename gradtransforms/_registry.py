@@ -25,6 +25,9 @@ ROLES: dict[str, str] = {
                             "non-finite step (-1: none)",
     "first_nonfinite_step": "step index of the first non-finite gradient",
     "update_ratio": "per-leaf ||update|| / ||param|| (PerLeaf)",
+    "rewind": "the wrapper took the params back to its snapshot at the last "
+              "step (bool)",
+    "rewinds": "rewinds so far (int)",
 }
 
 

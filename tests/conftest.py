@@ -4,7 +4,11 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+# CPU only, also in subprocesses: the CUDA plugin of the accel extra must
+# never try to open a GPU; libtpu (deviceless TPU compiles) takes a lockfile
+# that concurrent test processes would otherwise fight over.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -129,6 +129,11 @@ EXTRA_BUFFERS = {
     # leaves share a shape, XLA:CPU shares and materialises the scalar
     # broadcasts of its reduction (the learning rate's among them): ~1 more.
     "clippy": 2.0,
+    # the update (a loop carry: materialised), and a copy of the donated
+    # params: XLA copies a donated buffer that enters a while/cond before
+    # the step overwrites it (see gradtransforms/rewind.py); ~0.7 more for
+    # the restore's snapshot - params in the loop body
+    "rewind": 2.7,
 }
 
 

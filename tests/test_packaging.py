@@ -104,6 +104,13 @@ def test_dependencies_core_and_extras():
   assert {"flax", "matplotlib", "rich"} <= _names(extras["demo"])
   assert {"pytest", "chex", "mypy", "pdoc"} <= _names(extras["test"])
   assert "gradtransforms[demo]" in extras["test"]
+  # Deviceless H100/TPU compiles (tests/test_kernels.py): the plugins at
+  # exactly jaxlib's version, which the accel extra pins too.
+  assert "gradtransforms[accel]" in extras["test"]
+  accel = {re.split(r"[=<>]", r, maxsplit=1)[0]: r for r in extras["accel"]}
+  assert set(accel) == {"jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "libtpu"}
+  pinned = {r.split("==")[1] for n, r in accel.items() if n != "libtpu"}
+  assert len(pinned) == 1 and all("==" in r for r in accel.values()), accel
   # Every third-party module the tests, the docs build and the package
   # import is declared (directly or through an extra the tests install).
   declared = (_names(project["dependencies"]) | _names(extras["demo"]) |
