@@ -4,6 +4,7 @@ Every transform is a pure ``optax.GradientTransformation``; ``metrics(state)``
 reads every figure they keep.
 """
 
+from gradtransforms._dashboard import dashboard
 from gradtransforms._reading import culprits, leaf_names, metrics
 from gradtransforms.adagc import AdaGCState, adagc
 from gradtransforms.autoclip import AutoClipState, autoclip
@@ -27,10 +28,14 @@ from gradtransforms.clipping import (
 )
 from gradtransforms.moment_reset import MomentResetState, with_moment_reset
 from gradtransforms.spam import SpamState, spam
+from gradtransforms.rewind import RewindState, rewind
 from gradtransforms.spike_clip import SpikeClipState, spike_clip
 from gradtransforms.zclip import ZClipState, zclip
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+"""The version, in this one place: ``pyproject.toml`` reads it (dynamic
+version), ``gradtransforms --version`` prints it, the README changelog
+describes it."""
 
 __all__ = [
     # static clipping
@@ -41,13 +46,13 @@ __all__ = [
     "clippy",
     "quantile_clip",
     # detection, guards, diagnosis
-    "monitor", "detect_spikes", "guard", "culprits", "diagnose", "Diagnosis",
+    "monitor", "detect_spikes", "guard", "rewind", "culprits", "diagnose", "Diagnosis",
     # reading figures
-    "metrics", "leaf_names",
+    "metrics", "dashboard", "leaf_names",
     # states
     "AdaGCState", "AdaptiveGradClipState", "AutoClipState", "ClipByBlockRMSState",
     "ClipByGlobalNormState", "ClipByLeafNormState", "ClipByValueState", "ClippyState",
     "DetectSpikesState", "GuardState", "MomentResetState", "MonitorState",
-    "PerExampleClipState", "QuantileClipState", "SpamState", "SpikeClipState",
-    "ZClipState",
+    "PerExampleClipState", "QuantileClipState", "RewindState", "SpamState",
+    "SpikeClipState", "ZClipState",
 ]

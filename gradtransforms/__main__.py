@@ -2,7 +2,7 @@
 ``gradtransforms --version`` (also ``python -m gradtransforms ...``).
 
 The demo and the benchmarks need the ``demo`` extra; ``--version`` and the
-help work on the core install.
+help (``gradtransforms bench overhead --help`` too) work on the core install.
 """
 
 from __future__ import annotations
@@ -78,11 +78,16 @@ def main(argv: list[str] | None = None) -> int:
   ap = parser()
   args = ap.parse_args(argv)
   if args.command == "bench":
+    prog = f"gradtransforms bench {args.name}"
     try:
       module = load(args.name)
     except ImportError as e:
+      if {"-h", "--help"} & set(args.args):  # help works on the core install
+        from gradtransforms._cli_help import offline_help
+        print(offline_help(BENCHMARKS[args.name], prog, str(e)), end="")
+        return 0
       ap.exit(2, f"gradtransforms bench: {e}\n")
-    return int(module.main(args.args, prog=f"gradtransforms bench {args.name}") or 0)
+    return int(module.main(args.args, prog=prog) or 0)
   try:
     from gradtransforms.demo import app
   except ImportError as e:

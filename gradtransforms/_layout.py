@@ -129,23 +129,70 @@ def _axis_of(name: str, leaf: Any, axis: Any) -> int | None:
   return axis % ndim
 
 
+def _parts(path: tuple) -> tuple[str, ...]:
+  """A key path as name components (a string key ``"blocks/mlp"`` is two)."""
+  out: list[str] = []
+  for k in path:
+    out += keystr((k,), simple=True, separator="/").split("/")
+  return tuple(out)
+
+
 def _prefix_axes(tree: Any, layer_axes: Any) -> list[Any]:
-  is_spec = lambda x: x is None or isinstance(x, int)
-  try:
-    full = jax.tree.map(lambda a, sub: jax.tree.map(lambda _: (a,), sub),
-                        layer_axes, tree, is_leaf=is_spec)
-  except (ValueError, TypeError) as e:
-    raise ValueError("layer_axes must be a callable (name, leaf) -> int | None "
-                     "or a pytree prefix of the params holding ints or None; "
-                     f"it does not match the tree: {e}") from None
-  return [a[0] for a in jax.tree.leaves(full, is_leaf=lambda x: isinstance(x, tuple))]
+  """Per leaf of ``tree``, the int/None of the most specific entry of the
+  prefix ``layer_axes`` whose path starts the leaf's path (None where no
+  entry does). Paths are compared by name, so a plain dict prefix matches
+  an ``nnx.State`` (or any other mapping) of the same keys, keys may be
+  left out (None: no layer axis) or written as paths (``"blocks/mlp"``);
+  an entry that matches no leaf is an error (a typo)."""
+  spec, _ = jax.tree_util.tree_flatten_with_path(
+      unwrap(layer_axes), is_leaf=lambda x: x is None)
+  entries = [(_parts(p), a) for p, a in spec]
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out: list[Any] = []
+  used: list[list[tuple[str, Any]]] = [[] for _ in entries]
+  for path, leaf in flat:
+    parts, best = _parts(path), None
+    for j, (pre, _) in enumerate(entries):
+      if parts[:len(pre)] == pre and (
+          best is None or len(pre) > len(entries[best][0])):
+        best = j
+    if best is not None:
+      used[best].append(("/".join(parts) or ".", leaf))
+    out.append(None if best is None else entries[best][1])
+  for (pre, a), leaves in zip(entries, used):
+    where = "/".join(pre) or "the whole tree"
+    if not leaves:
+      raise ValueError(f"layer_axes: the entry {where!r} matches no leaf of "
+                       "the params (leaf names as gt.leaf_names gives them)")
+    if isinstance(a, int) and not isinstance(a, bool):
+      _same_layers(where, a, leaves)
+  return out
+
+
+def _same_layers(where: str, axis: int, leaves: list[tuple[str, Any]]) -> None:
+  """Every leaf one layer-axis entry covers has the same number of layers:
+  ``layer_axes=0`` over a model whose embedding is ``(256, d)`` and whose
+  blocks are ``(4, ...)`` would cut the embedding into 256 "layers"."""
+  sizes: dict[int, str] = {}
+  for name, x in leaves:
+    a = _axis_of(name, x, axis)
+    if a is not None:
+      sizes.setdefault(jnp.shape(x)[a], name)
+  if len(sizes) > 1:
+    shown = ", ".join(f"{n} ({k})" for k, n in list(sizes.items())[:3])
+    raise ValueError(
+        f"layer_axes: the axis {axis} given for {where} has different sizes "
+        f"in its leaves ({shown}): they are not one stack of layers. Mark "
+        "only the stacked subtree, e.g. layer_axes={'blocks': 0} (other "
+        "leaves get no layer axis), or pass a callable (name, leaf) -> "
+        "int | None")
 
 
 def check_layer_axes(layer_axes: Any) -> Any:
   """Construction-time check of a ``layer_axes`` argument (see :func:`layout`)."""
   if layer_axes is None or callable(layer_axes):
     return layer_axes
-  for a in jax.tree.leaves(layer_axes):
+  for a in jax.tree.leaves(unwrap(layer_axes)):
     if isinstance(a, bool) or not isinstance(a, int):
       raise TypeError("layer_axes must be None, a callable (name, leaf) -> "
                       f"int | None, or a pytree of ints/None; found {a!r}")
@@ -157,8 +204,12 @@ def layout(tree: Any, layer_axes: LayerAxes = None) -> Layout:
   leaf's layer axis where ``layer_axes`` gives one.
 
   ``layer_axes``: None (no layer axes), a callable ``(name, leaf) -> int |
-  None`` with ``name`` as :func:`leaf_paths` writes it, or a pytree prefix
-  of ``tree`` holding ints or None.
+  None`` with ``name`` as :func:`leaf_paths` writes it, or a prefix of
+  ``tree`` holding ints or None, matched by key names (see
+  :func:`_prefix_axes`): ``{"blocks": 0}`` marks only the stacked blocks of
+  a dict or an ``nnx.State``; a bare int (``0``) marks every leaf and is
+  refused unless all leaves have the same size along it (a fully stacked
+  tree).
   """
   tree = unwrap(tree)
   pairs = leaf_paths(tree)

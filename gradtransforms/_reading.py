@@ -97,7 +97,9 @@ def metrics(opt_state: Any, per_leaf: bool = False) -> dict[str, Any]:
       slice), ``"<transform>/<figure>/<leaf path>"``.
 
   Returns:
-    A dict sorted by key. Scalars are arrays (this also works inside
+    A dict sorted by key, except that one figure's per-leaf entries come
+    in the state's segment order (leaf order of the params, layer slices
+    ``[i]`` by index), the order ``culprit`` indices count in. Scalars are arrays (this also works inside
     ``jit``); per-leaf entries read on the host are NumPy scalars. A
     transform built by ``optax.inject_hyperparams`` also reports its
     hyperparameters' current values (``"clip_by_global_norm/max_norm"``).
@@ -113,7 +115,7 @@ def metrics(opt_state: Any, per_leaf: bool = False) -> dict[str, Any]:
     raise ValueError("metrics: no gradtransforms state found in opt_state "
                      f"(type {type(opt_state).__name__}); pass the state of an "
                      "optimizer built with gradtransforms transforms")
-  out: dict[str, Any] = {}
+  out: dict[tuple[str, int], tuple[str, Any]] = {}
   for name, state in found:
     for fig in info(type(state)).figures:
       value = getattr(state, fig)
@@ -121,12 +123,13 @@ def metrics(opt_state: Any, per_leaf: bool = False) -> dict[str, Any]:
         if per_leaf:
           v = _host(value.values)
           for i, leaf in enumerate(value.names):
-            out[f"{name}/{fig}/{leaf}"] = v[i]
+            out[(f"{name}/{fig}/", i)] = (f"{name}/{fig}/{leaf}", v[i])
       else:
-        out[f"{name}/{fig}"] = value
+        out[(f"{name}/{fig}", -1)] = (f"{name}/{fig}", value)
     for hp, value in injected.get(id(state), {}).items():
-      out.setdefault(f"{name}/{hp}", value)  # an injected hyperparameter
-  return dict(sorted(out.items()))
+      # an injected hyperparameter
+      out.setdefault((f"{name}/{hp}", -1), (f"{name}/{hp}", value))
+  return dict(v for _, v in sorted(out.items()))
 
 
 def _segment_names(state: Any) -> tuple[str, ...]:

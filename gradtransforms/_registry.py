@@ -25,6 +25,9 @@ ROLES: dict[str, str] = {
                             "non-finite step (-1: none)",
     "first_nonfinite_step": "step index of the first non-finite gradient",
     "update_ratio": "per-leaf ||update|| / ||param|| (PerLeaf)",
+    "rewind": "the wrapper took the params back to its snapshot at the last "
+              "step (bool)",
+    "rewinds": "rewinds so far (int)",
 }
 
 
@@ -68,3 +71,8 @@ def with_role(role: str) -> list[tuple[str, str]]:
   if role not in ROLES:
     raise ValueError(f"unknown role {role!r}; choose from {sorted(ROLES)}")
   return [(i.name, i.roles[role]) for i in _REGISTRY.values() if role in i.roles]
+
+
+def by_name(name: str) -> Info | None:
+  """The registration of the state class registered as ``name``."""
+  return next((i for i in _REGISTRY.values() if i.name == name), None)

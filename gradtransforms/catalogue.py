@@ -123,6 +123,13 @@ _ENTRIES = [
           _around(gt.guard),
           lambda: (lambda opt: optax.apply_if_finite(opt, 10)),
           layer_axes=True),
+    Entry("rewind", "around", "detection",
+          lambda **kw: (lambda opt: gt.rewind(gt.guard(
+              opt, max_consecutive_errors=2, warmup_steps=2, **kw),
+              every=2, **kw)),
+          lambda **kw: (lambda opt: gt.rewind(gt.guard(opt, **kw), every=100,
+                                              **kw)),
+          needs_params=True),
     Entry("with_moment_reset", "around", "adaptive",
           _around(gt.with_moment_reset, interval=2),
           _around(gt.with_moment_reset), axis_name=False),

@@ -1,8 +1,5 @@
 """TransformerLM, the stdlib byte corpus, and the restated skip-step baselines
-(benchmarks/skip_rules.py) against hand-computed cases and a NumPy restatement."""
-
-import sys
-from pathlib import Path
+(gradtransforms/bench/lm_stability/skip_rules.py) against hand-computed cases and a NumPy restatement."""
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +12,7 @@ from gradtransforms.models import TransformerLM
 from gradtransforms.models.transformer import param_count
 from gradtransforms.tasks import corpus
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import skip_rules  # noqa: E402
+from gradtransforms.bench.lm_stability import skip_rules
 
 V = 256
 

@@ -50,7 +50,7 @@ class SkipRuleState(NamedTuple):
   was skipped; ``skips``: steps skipped so far."""
   losses: jax.Array
   norms: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]
   skipped: jax.Array
   skips: jax.Array
   inner_state: optax.OptState
