@@ -23,7 +23,8 @@ _I32, _F32 = jnp.int32, jnp.float32
     "step", "norm", "loss", "norm_zscore", "loss_zscore", "norm_spike",
     "loss_spike", "nonfinite", "norm_spike_count", "loss_spike_count",
     "nonfinite_count", "culprit", "culprit_step", "first_nonfinite_step",
-    "first_nonfinite_leaf", "nonfinite_since"), {
+    "first_nonfinite_leaf", "nonfinite_since", "layer_zscore", "layer_spike_count", "sigma_zscore",
+    "sigma_spike_count"), {
         "global_norm": "norm", "loss": "loss", "culprit": "culprit",
         "culprit_step": "culprit_step",
         "first_nonfinite_leaf": "first_nonfinite_leaf",
@@ -43,6 +44,13 @@ class DetectSpikesState(NamedTuple):
   step with a non-finite gradient and its lowest-index non-finite segment;
   ``nonfinite_since``, per segment, the first step it was non-finite (-1:
   never). Names of segments: ``gt.culprits(state)``.
+
+  Optional rules (their fields stay 0/False while off): per segment, the
+  EMA variance of ``log ||g_i||`` (``leaf_log_var``), ``layer_zscore`` the
+  largest per-segment z-score of the step and ``layer_spike`` whether it
+  exceeded ``layer_z_thresh``; ``raw_stats`` the EMA mean/variance of the
+  raw norm ``||g||``, ``sigma_zscore = (||g|| - mean) / std`` and
+  ``sigma_spike`` whether it exceeded ``norm_sigma``.
   """
   step: jax.Array
   norm_stats: _stats.SeriesStats
@@ -64,6 +72,14 @@ class DetectSpikesState(NamedTuple):
   first_nonfinite_step: jax.Array
   first_nonfinite_leaf: jax.Array
   nonfinite_since: PerLeaf
+  leaf_log_var: PerLeaf
+  raw_stats: _stats.SeriesStats
+  layer_zscore: jax.Array
+  layer_spike: jax.Array
+  layer_spike_count: jax.Array
+  sigma_zscore: jax.Array
+  sigma_spike: jax.Array
+  sigma_spike_count: jax.Array
 
 
 def init_state(params: Any, layer_axes: LayerAxes = None) -> DetectSpikesState:
@@ -77,7 +93,10 @@ def init_state(params: Any, layer_axes: LayerAxes = None) -> DetectSpikesState:
       norm_spike=f, loss_spike=f, nonfinite=f, norm_spike_count=i,
       loss_spike_count=i, nonfinite_count=i, culprit=neg, culprit_step=neg,
       first_nonfinite_step=neg, first_nonfinite_leaf=neg,
-      nonfinite_since=_layout.zeros(lay, _I32, fill=-1)))
+      nonfinite_since=_layout.zeros(lay, _I32, fill=-1),
+      leaf_log_var=_layout.zeros(lay), raw_stats=_stats.series_init(),
+      layer_zscore=z, layer_spike=f, layer_spike_count=i, sigma_zscore=z,
+      sigma_spike=f, sigma_spike_count=i))
 
 
 def scalar_loss(value: Any, what: str) -> jax.Array:
@@ -89,16 +108,22 @@ def scalar_loss(value: Any, what: str) -> jax.Array:
   return v.astype(_F32).reshape(())
 
 
-def rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes
-         ) -> dict[str, Any]:
-  """Validates the spike rule's arguments; returns :func:`observe`'s kwargs."""
+def rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes,
+         layer_z_thresh=None, norm_sigma=None) -> dict[str, Any]:
+  """Validates the spike rules' arguments; returns :func:`observe`'s kwargs.
+  ``layer_z_thresh``/``norm_sigma`` None: that rule is off."""
   _checks.bound("z_thresh", z_thresh, strict=True)
   warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1,
                                   static=False)
   _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
   loss_z_thresh = z_thresh if loss_z_thresh is None else loss_z_thresh
   _checks.bound("loss_z_thresh", loss_z_thresh, strict=True)
+  if layer_z_thresh is not None:
+    _checks.bound("layer_z_thresh", layer_z_thresh, strict=True)
+  if norm_sigma is not None:
+    _checks.bound("norm_sigma", norm_sigma, strict=True)
   return dict(z_thresh=z_thresh, loss_z_thresh=loss_z_thresh,
+              layer_z_thresh=layer_z_thresh, norm_sigma=norm_sigma,
               warmup_steps=warmup_steps, decay=decay, axis_name=axis_name,
               layer_axes=_layout.check_layer_axes(layer_axes))
 
@@ -106,8 +131,10 @@ def rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes
 def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
             loss_z_thresh: Any, warmup_steps: int, decay: Any,
             axis_name: str | None, layer_axes: LayerAxes,
+            layer_z_thresh: Any = None, norm_sigma: Any = None,
             what: str = "detect_spikes") -> DetectSpikesState:
-  """One detection step (pure)."""
+  """One detection step (pure): one read of the gradients, then scalar and
+  per-segment vector arithmetic on their sums of squares."""
   leaves = jax.tree.leaves(updates)
   lay = _layout.layout(updates, layer_axes)
   _layout.check_names(lay, state.leaf_log_mean, what)
@@ -125,34 +152,70 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
     loss_stats, loss_z, loss_spike = _stats.series_observe(
         state.loss_stats, loss, decay, loss_z_thresh, warmup_steps)
     nonfinite = ~finite | ~jnp.isfinite(loss)
-  at = state.step  # this step's index
+  raw_stats, sigma_z, sigma_spike = state.raw_stats, state.sigma_zscore, \
+      jnp.zeros((), jnp.bool_)
+  if norm_sigma is not None:  # mean + k sigma of the raw norm
+    raw_stats, sigma_z, sigma_spike = _stats.series_observe(
+        state.raw_stats, n, decay, norm_sigma, warmup_steps)
+  segs = _segments(state, sq, norm_spike, decay, layer_z_thresh, warmup_steps)
+  return _assemble(state, segs, lay.size, n=n, finite=finite, loss=loss,
+                   norm_stats=norm_stats, loss_stats=loss_stats, norm_z=norm_z,
+                   loss_z=loss_z, norm_spike=norm_spike, loss_spike=loss_spike,
+                   nonfinite=nonfinite, raw_stats=raw_stats, sigma_z=sigma_z,
+                   sigma_spike=sigma_spike)
 
-  # Layer attribution, on the stacked per-segment vector.
+
+def _segments(state, sq, norm_spike, decay, layer_z_thresh, warmup_steps):
+  """Per-segment statistics, the per-layer rule, and what attribution needs."""
   bad_leaf = ~jnp.isfinite(sq)
   pos = (sq > 0) & ~bad_leaf
   log_leaf = 0.5 * jnp.log(jnp.where(pos, sq, 1.0))
   mean, seen = state.leaf_log_mean.values, state.leaf_observed.values
+  var = state.leaf_log_var.values
   rated = pos & (seen > 0)  # a finite, non-zero norm with a running mean
   growth = jnp.where(bad_leaf, jnp.inf,
                      jnp.where(rated, log_leaf - mean, -jnp.inf))
-  event = (norm_spike | nonfinite) & jnp.any(bad_leaf | rated)
-  a = _stats.warm_alpha(decay, seen)  # per segment, from its own count
   fold = pos & ~norm_spike
+  layer_z, layer_spike = state.layer_zscore, jnp.zeros((), jnp.bool_)
+  a = _stats.warm_alpha(decay, seen)  # per segment, from its own count
   new_mean = jnp.where(fold, a * mean + (1 - a) * log_leaf, mean)
-  new_seen = jnp.where(fold, _stats.inc(seen), seen)
+  new_var = var
+  if layer_z_thresh is not None:
+    warm = rated & (seen >= warmup_steps)
+    z = jnp.where(warm, (log_leaf - mean) / (jnp.sqrt(var) + 1e-6), 0.0)
+    hit = warm & (z > layer_z_thresh)
+    layer_z = jnp.max(z, initial=0.0)
+    layer_spike = jnp.any(hit)
+    # a spiking segment enters its statistics clamped, as the global rule
+    x = jnp.where(hit, mean + layer_z_thresh * jnp.sqrt(var), log_leaf)
+    new_mean = jnp.where(fold, a * mean + (1 - a) * x, mean)
+    new_var = jnp.where(fold, a * var + (1 - a) * jnp.square(x - new_mean), var)
+  return dict(bad_leaf=bad_leaf, rated=rated, growth=growth,
+              mean=new_mean, var=new_var,
+              seen=jnp.where(fold, _stats.inc(seen), seen), layer_z=layer_z,
+              layer_spike=layer_spike)
+
+
+def _assemble(state, g, size, *, n, finite, loss, norm_stats, loss_stats,
+              norm_z, loss_z, norm_spike, loss_spike, nonfinite, raw_stats,
+              sigma_z, sigma_spike) -> DetectSpikesState:
+  at = state.step  # this step's index
+  spike = norm_spike | g["layer_spike"] | sigma_spike
+  event = (spike | nonfinite) & jnp.any(g["bad_leaf"] | g["rated"])
   since = state.nonfinite_since.values
-  since = jnp.where(bad_leaf & (since < 0), at, since)
+  since = jnp.where(g["bad_leaf"] & (since < 0), at, since)
   first_now = ~finite & (state.first_nonfinite_step < 0)
-  if lay.size:
-    culprit = jnp.where(event, jnp.argmax(growth).astype(_I32), state.culprit)
-    first_leaf = jnp.where(first_now, jnp.argmax(bad_leaf).astype(_I32),
+  if size:
+    culprit = jnp.where(event, jnp.argmax(g["growth"]).astype(_I32),
+                        state.culprit)
+    first_leaf = jnp.where(first_now, jnp.argmax(g["bad_leaf"]).astype(_I32),
                            state.first_nonfinite_leaf)
   else:
     culprit, first_leaf = state.culprit, state.first_nonfinite_leaf
   return DetectSpikesState(
       step=_stats.inc(state.step), norm_stats=norm_stats, loss_stats=loss_stats,
-      leaf_log_mean=state.leaf_log_mean.replace(new_mean),
-      leaf_observed=state.leaf_observed.replace(new_seen), norm=n, loss=loss,
+      leaf_log_mean=state.leaf_log_mean.replace(g["mean"]),
+      leaf_observed=state.leaf_observed.replace(g["seen"]), norm=n, loss=loss,
       norm_zscore=norm_z, loss_zscore=loss_z, norm_spike=norm_spike,
       loss_spike=loss_spike, nonfinite=nonfinite,
       norm_spike_count=_stats.inc(state.norm_spike_count, norm_spike),
@@ -161,7 +224,12 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
       culprit=culprit, culprit_step=jnp.where(event, at, state.culprit_step),
       first_nonfinite_step=jnp.where(first_now, at, state.first_nonfinite_step),
       first_nonfinite_leaf=first_leaf,
-      nonfinite_since=state.nonfinite_since.replace(since))
+      nonfinite_since=state.nonfinite_since.replace(since),
+      leaf_log_var=state.leaf_log_var.replace(g["var"]), raw_stats=raw_stats,
+      layer_zscore=g["layer_z"], layer_spike=g["layer_spike"],
+      layer_spike_count=_stats.inc(state.layer_spike_count, g["layer_spike"]),
+      sigma_zscore=sigma_z, sigma_spike=sigma_spike,
+      sigma_spike_count=_stats.inc(state.sigma_spike_count, sigma_spike))
 
 
 def event_figures(state: Any) -> dict[str, jax.Array]:

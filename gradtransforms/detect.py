@@ -16,6 +16,8 @@ __all__ = ["DetectSpikesState", "detect_spikes"]
 def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
                   decay: float = 0.98, loss_z_thresh: float | None = None, *,
                   layer_axes: LayerAxes = None,
+                  layer_z_thresh: float | None = None,
+                  norm_sigma: float | None = None,
                   on_event: Callable[[dict], Any] | None = None,
                   axis_name: str | None = None
                   ) -> optax.GradientTransformationExtraArgs:
@@ -37,6 +39,15 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
   most over its own running mean (non-finite ones first, zero or empty
   leaves never); names via :func:`gradtransforms.culprits`.
 
+  Optional rules, off (None) by default, on the same sums of squares (no
+  further read of the gradients): ``layer_z_thresh`` flags
+  ``layer_spike`` when any segment's ``z(log ||g_i||)`` against its own
+  EMA mean and variance exceeds it (a fault in one small layer that the
+  global norm hides); ``norm_sigma`` flags ``sigma_spike`` when ``||g|| >
+  mean + norm_sigma * std`` of the raw norm (EMA statistics; the rule of
+  OLMo-core, Levanter, MaxText, which keep a 128-step window). Both
+  warm up for ``warmup_steps`` and take a spike in clamped, as above.
+
   State: :class:`DetectSpikesState` (its array count does not depend on
   the number of leaves).
 
@@ -47,6 +58,10 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
     decay: EMA decay in [0, 1). 0.98 ~ a 50-step window.
     loss_z_thresh: z-score of the loss that counts as a spike; default
       ``z_thresh``.
+    layer_z_thresh: per-segment z-score that counts as a layer spike, > 0;
+      None: rule off.
+    norm_sigma: ``k`` of the raw-norm ``mean + k * std`` rule, > 0; None:
+      rule off.
     layer_axes: stacked-layer axes, as in
       :func:`gradtransforms.clip_by_leaf_norm`: statistics and attribution
       per layer slice.
@@ -56,7 +71,7 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
   kw = _spikes.rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name,
-                    layer_axes)
+                    layer_axes, layer_z_thresh, norm_sigma)
   _events.check_hook(on_event)
 
   def init_fn(params):
@@ -66,7 +81,8 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
     del params
     _checks.float_leaves("updates", updates)
     new = _spikes.observe(state, updates, extra.get("value"), **kw)
-    _events.emit(on_event, new.norm_spike | new.loss_spike | new.nonfinite,
+    _events.emit(on_event, new.norm_spike | new.loss_spike | new.nonfinite
+                 | new.layer_spike | new.sigma_spike,
                  _spikes.event_figures(new), new.leaf_log_mean.names)
     return _xla.detach(updates, new)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -12,22 +14,35 @@ from gradtransforms import _checks, _events, _norms, _spikes, _stats, _xla
 from gradtransforms._layout import LayerAxes
 from gradtransforms._registry import register
 
-TRIGGERS = ("nonfinite", "spike", "loss_spike")
+TRIGGERS = ("nonfinite", "spike", "loss_spike", "layer_spike", "norm_sigma")
 ACTIONS = ("skip", "zero", "rescale")
+CHECKS = ("updates", "gradients")
 
 
-@register("guard", ("step", "bad", "consecutive", "skipped", "halt", "halts",
-                    "resets"), {"skip": "bad"})
+@register("guard", ("step", "norm", "bad", "output_bad", "consecutive",
+                    "skipped", "halt", "halts", "resets"), {"skip": "bad"})
 class GuardState(NamedTuple):
-  """``step``: update calls; ``bad``: the last step triggered;
+  """The guard's state; every figure describes the step just taken.
+
+  ``step``: update calls (with gradient accumulation as documented,
+  micro-batches); ``norm`` (a property): that step's own global gradient
+  norm, as the guard saw it (before ``inner``; NaN/Inf on a non-finite
+  step), also on a skipped step; ``bad``: that step triggered (so it was
+  skipped, zeroed or rescaled per ``action``); ``output_bad``: ``inner``'s
+  output was non-finite (``check="updates"``; the step was skipped);
   ``consecutive``: bad steps in a row; ``skipped``: bad steps so far;
   ``halt``: ``max_consecutive_errors`` was reached (sticky: poll it to stop
   a run); ``halts``/``resets``: how often it was reached / the inner state
-  was re-initialised. ``detector`` holds the spike detector's state (its
-  figures appear under ``detect_spikes/``).
+  was re-initialised. ``detector`` holds the spike detector's state
+  (:class:`gradtransforms.DetectSpikesState`: the loss, z-scores, per-rule
+  spike flags, and ``culprit``/``culprit_step``, the segment blamed at the
+  last bad step, named by ``gt.culprits``). ``inner_state``: ``inner``'s
+  state, whose figures are those of the last step ``inner`` ran (on a
+  skipped step they are stale: read ``norm`` here).
   """
   step: jax.Array
   bad: jax.Array
+  output_bad: jax.Array
   consecutive: jax.Array
   skipped: jax.Array
   halt: jax.Array
@@ -35,6 +50,10 @@ class GuardState(NamedTuple):
   resets: jax.Array
   detector: _spikes.DetectSpikesState
   inner_state: optax.OptState
+
+  @property
+  def norm(self) -> jax.Array:
+    return self.detector.norm
 
 
 def _check_inner(inner: Any) -> None:
@@ -45,24 +64,97 @@ def _check_inner(inner: Any) -> None:
                     f"{inner!r}{hint}")
 
 
+def _refuse_multisteps() -> None:
+  """Raises if this update runs inside ``optax.MultiSteps`` without a
+  ``should_skip_update_fn``: MultiSteps keeps a NaN micro-batch in its
+  accumulator for ever (it clears it by multiplying by 0), so a guard
+  inside it would skip every later step. Checked at trace time (a walk up
+  the Python stack, no run-time cost)."""
+  f = sys._getframe(2)
+  for _ in range(64):
+    if f is None:
+      return
+    code = f.f_code
+    if (getattr(code, "co_qualname", "").startswith("MultiSteps.")
+        and "optax" in code.co_filename):
+      ms = f.f_locals.get("self")
+      fn = getattr(ms, "_should_skip_update_fn", None)
+      if fn is None or "MultiSteps.__init__" in getattr(fn, "__qualname__", ""):
+        raise ValueError(
+            "gt.guard inside optax.MultiSteps: one non-finite micro-batch "
+            "would stay in MultiSteps' accumulator (0 * NaN = NaN) and every "
+            "later step would be skipped. Put the guard outside: "
+            "gt.guard(optax.MultiSteps(opt, k).gradient_transformation()) "
+            "(it skips the bad micro-batch only), or pass "
+            "should_skip_update_fn=optax.skip_not_finite to MultiSteps.")
+      return
+    f = f.f_back
+
+
+def _triggers(on: Any) -> tuple:
+  if isinstance(on, str):
+    triggers: tuple = (on,)
+  elif isinstance(on, (list, tuple)):
+    triggers = tuple(on)
+  else:
+    raise TypeError(f"on must be a string or a sequence of strings from "
+                    f"{TRIGGERS}, got {on!r}")
+  for t in triggers:
+    _checks.one_of("on", t, TRIGGERS)
+  return triggers
+
+
+def _check_mode(check: Any, check_updates: Any) -> str:
+  """``check``, with the 0.2 keyword ``check_updates`` mapped onto it."""
+  if check_updates is not None:
+    check_updates = _checks.boolean("check_updates", check_updates)
+    warnings.warn("guard(check_updates=...) is deprecated: the default "
+                  'check="updates" checks the inner output; '
+                  'check_updates=False is check="gradients"',
+                  DeprecationWarning, stacklevel=3)
+    mapped = "updates" if check_updates else "gradients"
+    if check is not None and check != mapped:
+      raise ValueError(f"guard: check={check!r} contradicts "
+                       f"check_updates={check_updates}")
+    return mapped
+  check = "updates" if check is None else check
+  _checks.one_of("check", check, CHECKS)
+  return check
+
+
 def guard(inner: optax.GradientTransformation,
           on: str | Sequence[str] = "nonfinite", action: str = "skip",
           max_consecutive_errors: int | None = None,
-          reset_inner_state: bool = False, *, check_updates: bool = False,
+          reset_inner_state: bool = False, *, check: str | None = None,
+          check_updates: bool | None = None,
           z_thresh: float = 6.0, warmup_steps: int = 20, decay: float = 0.98,
-          loss_z_thresh: float | None = None, layer_axes: LayerAxes = None,
+          loss_z_thresh: float | None = None,
+          layer_z_thresh: float | None = None, norm_sigma: float = 6.0,
+          layer_axes: LayerAxes = None,
           on_event: Callable[[dict], Any] | None = None,
           axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on good steps and acts on bad ones.
 
   A step is *bad* if its gradient norm (or the loss, when passed as
-  ``value=loss``) is non-finite, always; with ``check_updates=True`` also if
-  ``inner``'s output is non-finite (an optimizer can produce Inf/NaN from
-  finite gradients: float16 state, ``eps=0`` on a zero gradient, an
-  overflowing scale); and, if listed in ``on``, if
-  :func:`gradtransforms.detect_spikes`'s rule flags a gradient-norm
-  (``"spike"``) or loss (``"loss_spike"``, needs ``value=loss``) spike. On a
-  bad step:
+  ``value=loss``) is non-finite; with ``check="updates"`` (the default)
+  also if ``inner``'s output is non-finite (an optimizer can make Inf/NaN
+  from finite gradients: float16 state, ``eps=0`` on a zero gradient, an
+  overflowing scale; such a step is always skipped); and if a rule listed
+  in ``on`` fires (:func:`gradtransforms.detect_spikes`'s rules, on the
+  same one read of the gradients):
+
+  * ``"spike"``: ``z(log ||g||) > z_thresh`` against its EMA statistics;
+  * ``"loss_spike"``: the loss's z-score ``> loss_z_thresh`` (needs
+    ``value=loss``);
+  * ``"layer_spike"``: any segment's (leaf's, or with ``layer_axes`` layer
+    slice's) ``z(log ||g_i||) > layer_z_thresh`` (default ``z_thresh``)
+    against its own statistics: a fault in one small layer that the global
+    norm hides;
+  * ``"norm_sigma"``: ``||g|| > mean + norm_sigma * std`` of the raw norm
+    (EMA statistics, decay ``decay``): the rule of OLMo-core, Levanter and
+    MaxText (they keep a 128-step window instead).
+
+  On a bad step:
 
   * ``action="skip"``: the update is zero (``-0.0``, so ``apply_updates``
     leaves every parameter bit-identical, ``-0.0`` included) and ``inner``'s
@@ -73,18 +165,32 @@ def guard(inner: optax.GradientTransformation,
     running typical norm ``exp(mean log ||g||)`` and passed to ``inner``; a
     non-finite step is skipped.
 
-  Unlike ``optax.apply_if_finite``, the guard never lets a non-finite
-  gradient reach ``inner`` or the params, however many bad steps come in a
-  row: after ``max_consecutive_errors`` of them it sets the sticky ``halt``
-  flag (and, with ``reset_inner_state=True``, re-initialises ``inner``'s
-  state from ``params`` and starts counting again), and keeps skipping.
-  Without ``check_updates`` a non-finite *output* of ``inner`` from finite
-  gradients is not caught (that check costs one more read of the update).
+  Unlike ``optax.apply_if_finite`` (which, in optax 0.2.8, checks only the
+  gradient it is given), the guard by default also checks what it applies,
+  and never lets a non-finite gradient reach ``inner`` or the params,
+  however many bad steps come in a row: after ``max_consecutive_errors`` of
+  them it sets the sticky ``halt`` flag (and, with
+  ``reset_inner_state=True``, re-initialises ``inner``'s state from
+  ``params`` and starts counting again), and keeps skipping.
 
-  Cost: one read of the gradients (norm and finiteness, in float32) and,
-  for ``skip``/``rescale``, on CPU one update-sized buffer: to undo a step
-  the update is computed from the old inner state before the new state
-  overwrites it in place (see ``_xla.rollback``).
+  Cost (50M float32 parameters, 100 leaves, + Adam; 2-core CPU, contended):
+  one read of the gradients (norm and finiteness, in float32). On CPU the
+  step is decided first and run under ``lax.cond`` (no copy of the state
+  to undo a step); ``inner``'s output is one update-sized buffer there.
+  ``check="updates"`` computes ``inner``'s output once more for its
+  finiteness alone (a reduction: reads what ``inner`` reads, writes
+  nothing): about ``apply_if_finite``'s cost. ``check="gradients"``, the
+  cheaper mode, skips that and lets a non-finite output of ``inner`` from
+  finite gradients through. On GPU/TPU the same numbers come from selects
+  (no branch, no host sync) and the output check fuses into ``inner``'s
+  pass.
+
+  Gradient accumulation: wrap the accumulator,
+  ``gt.guard(optax.MultiSteps(opt, k).gradient_transformation())``: each
+  micro-batch is checked and a bad one is dropped (step numbers then count
+  micro-batches). ``optax.MultiSteps(gt.guard(opt), k)`` raises at trace
+  time unless MultiSteps is given ``should_skip_update_fn`` (e.g.
+  ``optax.skip_not_finite``): its accumulator would keep a NaN for ever.
 
   State: :class:`GuardState`; figures via ``gt.metrics`` (``guard/...`` and
   ``detect_spikes/...``).
@@ -92,49 +198,52 @@ def guard(inner: optax.GradientTransformation,
   Args:
     inner: the optimizer to guard (an instance, e.g. ``optax.adam(1e-3)``).
     on: triggers besides ``"nonfinite"``: any of ``"spike"``,
-      ``"loss_spike"`` (a string or a sequence).
+      ``"loss_spike"``, ``"layer_spike"``, ``"norm_sigma"`` (a string or a
+      sequence).
     action: ``"skip"``, ``"zero"`` or ``"rescale"``.
     max_consecutive_errors: bad steps in a row that set ``halt`` (optax's
       name); None: never.
     reset_inner_state: re-initialise ``inner`` when ``halt`` is reached.
-    check_updates: also treat a non-finite output of ``inner`` as bad.
-    z_thresh, warmup_steps, decay, loss_z_thresh, layer_axes: the spike rule
-      and attribution, as in :func:`gradtransforms.detect_spikes`.
+    check: ``"updates"`` (default: the gradient and ``inner``'s output) or
+      ``"gradients"`` (the gradient only; cheaper).
+    check_updates: deprecated (0.2): True is ``check="updates"``, False is
+      ``check="gradients"``.
+    z_thresh, warmup_steps, decay, loss_z_thresh, layer_axes: the spike
+      rules and attribution, as in :func:`gradtransforms.detect_spikes`.
+    layer_z_thresh: threshold of ``"layer_spike"``; default ``z_thresh``.
+    norm_sigma: ``k`` of ``"norm_sigma"``, > 0 (default 6, as OLMo-core).
     on_event: optional host hook (``jax.debug.callback``) called with the
       figures on bad steps; None (default) traces nothing.
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`; every
       device then takes the same skip decision.
   """
   _check_inner(inner)
-  if isinstance(on, str):
-    triggers: tuple = (on,)
-  elif isinstance(on, (list, tuple)):
-    triggers = tuple(on)
-  else:
-    raise TypeError(f"on must be a string or a sequence of strings from "
-                    f"{TRIGGERS}, got {on!r}")
-  for t in triggers:
-    _checks.one_of("on", t, TRIGGERS)
+  triggers = _triggers(on)
   _checks.one_of("action", action, ACTIONS)
   if max_consecutive_errors is not None:
     max_consecutive_errors = _checks.integer("max_consecutive_errors",
                                              max_consecutive_errors, 1)
   reset_inner_state = _checks.boolean("reset_inner_state", reset_inner_state)
-  check_updates = _checks.boolean("check_updates", check_updates)
-  kw = _spikes.rule(z_thresh, warmup_steps, decay, loss_z_thresh, axis_name,
-                    layer_axes)
+  check_out = _check_mode(check, check_updates) == "updates"
+  _checks.positive("norm_sigma", norm_sigma)
+  kw = _spikes.rule(
+      z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes,
+      layer_z_thresh=((z_thresh if layer_z_thresh is None else layer_z_thresh)
+                      if "layer_spike" in triggers else None),
+      norm_sigma=norm_sigma if "norm_sigma" in triggers else None)
   _events.check_hook(on_event)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     i, f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)
-    own = _xla.fresh(dict(step=i, bad=f, consecutive=i, skipped=i, halt=f,
-                          halts=i, resets=i))
+    own = _xla.fresh(dict(step=i, bad=f, output_bad=f, consecutive=i,
+                          skipped=i, halt=f, halts=i, resets=i))
     return GuardState(**own, detector=_spikes.init_state(params, kw["layer_axes"]),
                       inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra):
     _checks.float_leaves("updates", updates)
+    _refuse_multisteps()
     if reset_inner_state and params is None:
       raise ValueError("guard(reset_inner_state=True) needs params in update")
     loss = extra.get("value")
@@ -145,33 +254,37 @@ def guard(inner: optax.GradientTransformation,
     updates, det = _xla.detach(updates, det)
     nonfinite = det.nonfinite
     spike = jnp.zeros((), jnp.bool_)
-    if "spike" in triggers:
-      spike = spike | det.norm_spike
-    if "loss_spike" in triggers:
-      spike = spike | det.loss_spike
+    for t, flag in (("spike", det.norm_spike), ("loss_spike", det.loss_spike),
+                    ("layer_spike", det.layer_spike),
+                    ("norm_sigma", det.sigma_spike)):
+      if t in triggers:
+        spike = spike | flag
     bad = nonfinite | spike
 
+    no = jnp.zeros((), jnp.bool_)
     if action == "zero":
-      g = _norms.select_tree(bad, _norms.zeros_like_tree(updates), updates)
+      prep = lambda u: _norms.select_tree(bad, _norms.zeros_like_tree(u), u)
+      pre_skip = no
     elif action == "rescale":
       typical = jnp.exp(state.detector.norm_stats.mean)
       s = jnp.where(spike & ~nonfinite, _norms.clip_scale(det.norm, typical), 1.0)
-      g = _norms.scale_tree(updates, s)
+      prep, pre_skip = (lambda u: _norms.scale_tree(u, s)), nonfinite
     else:
-      g = updates
-    new_updates, inner_state = inner.update(g, state.inner_state, params, **extra)
-    if check_updates:
-      bad_out = ~jnp.isfinite(_norms.global_norm(new_updates, axis_name))
-      bad = bad | bad_out
-      nonfinite = nonfinite | bad_out
-    if action != "zero":  # with "zero", inner saw a zero gradient: keep that
-      skip = bad if action == "skip" else nonfinite
-      new_updates, inner_state = _xla.rollback(skip, new_updates,
-                                               state.inner_state, inner_state)
-    elif check_updates:
-      new_updates, inner_state = _xla.rollback(bad_out, new_updates,
-                                               state.inner_state, inner_state)
+      prep, pre_skip = (lambda u: u), bad
 
+    def run(grads, inner_state, params):  # the gradient is prepared inside,
+      return inner.update(prep(grads), inner_state, params, **extra)  # fused
+    if action == "zero" and not check_out:  # inner always runs
+      new_updates, inner_state = run(updates, state.inner_state, params)
+      out_bad = no
+    else:
+      new_updates, inner_state, out_bad = _xla.guarded_step(
+          pre_skip, run, updates, state.inner_state, params, check_out,
+          axis_name)
+    bad = bad | out_bad
+    return new_updates, _bookkeep(state, bad, out_bad, det, inner_state, params)
+
+  def _bookkeep(state, bad, out_bad, det, inner_state, params):
     consecutive = jnp.where(bad, _stats.inc(state.consecutive), 0)
     hit = jnp.zeros((), jnp.bool_)
     if max_consecutive_errors is not None:
@@ -181,14 +294,14 @@ def guard(inner: optax.GradientTransformation,
       inner_state = _norms.select_tree(hit, inner.init(params), inner_state)
       consecutive = jnp.where(hit, 0, consecutive)
       resets = _stats.inc(resets, hit)
-    new = GuardState(step=_stats.inc(state.step), bad=bad,
+    new = GuardState(step=_stats.inc(state.step), bad=bad, output_bad=out_bad,
                      consecutive=consecutive,
                      skipped=_stats.inc(state.skipped, bad),
                      halt=state.halt | hit, halts=_stats.inc(state.halts, hit),
                      resets=resets, detector=det, inner_state=inner_state)
-    figs = dict(_spikes.event_figures(det), bad=bad, consecutive=consecutive,
-                halt=new.halt)
+    figs = dict(_spikes.event_figures(det), bad=bad, output_bad=out_bad,
+                consecutive=consecutive, halt=new.halt)
     _events.emit(on_event, bad, figs, det.leaf_log_mean.names)
-    return new_updates, new
+    return new
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
