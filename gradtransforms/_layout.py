@@ -268,11 +268,28 @@ def stack(parts: Sequence[jax.Array], dtype: Any = jnp.float32) -> jax.Array:
   return jnp.concatenate([jnp.reshape(p, (-1,)).astype(dtype) for p in parts])
 
 
-def split(v: jax.Array, layout_: Layout) -> list[jax.Array]:
-  """Inverse of :func:`stack`: scalars or ``(L,)`` slices of ``v``."""
+def starts(layout_: Layout) -> tuple[jax.Array, ...]:
+  """Each leaf's first index in a stacked vector, as int32 scalars."""
+  offsets = [0]
+  for n in layout_.counts[:-1]:
+    offsets.append(offsets[-1] + n)
+  return tuple(jnp.asarray(i, jnp.int32) for i in offsets)
+
+
+def split(v: jax.Array, layout_: Layout, starts: Sequence[Any] | None = None
+          ) -> list[jax.Array]:
+  """Inverse of :func:`stack`: scalars or ``(L,)`` slices of ``v``.
+
+  ``starts``: the leaves' first indices (:func:`starts`) as run-time
+  operands (``_xla.operands``): then dynamic slices, so every leaf's loop
+  that reads its figure is the same computation, not one per index."""
   out, i = [], 0
-  for a, n in zip(layout_.axes, layout_.counts):
-    out.append(v[i] if a is None else v[i:i + n])
+  for k, (a, n) in enumerate(zip(layout_.axes, layout_.counts)):
+    if starts is None:
+      out.append(v[i] if a is None else v[i:i + n])
+    else:
+      part = jax.lax.dynamic_slice_in_dim(v, starts[k], n)
+      out.append(part.reshape(()) if a is None else part)
     i += n
   return out
 

@@ -140,6 +140,8 @@ def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
     return jnp.where(never, jnp.zeros_like(x), x)
   return lax.platform_dependent(x, *deps, cpu=tied,
                                 default=lambda x, *deps: x)
+
+
 def all_finite(tree: Any, axis_name: str | None = None) -> jax.Array:
   """True iff every entry of ``tree`` is finite: ``sum(x - x)`` in float32
   is 0 for finite entries and NaN for an Inf or NaN one (no overflow, unlike
@@ -225,3 +227,19 @@ def guarded_cond(run, pre_skip, grads, old_state, params, check_output,
   state = lax.cond(~skip, lambda g, s, p: run(g, s, p)[1], lambda g, s, p: s,
                    grads, old_state, params)
   return _skip_updates(skip, updates), state, out_bad
+
+
+def operands(parts: Any, live: jax.Array) -> Any:
+  """``parts`` (per-leaf figures sliced from one vector), on CPU returned
+  through a ``lax.cond`` on ``live`` (a run-time True that XLA cannot
+  fold, e.g. ``step >= 0``). XLA:CPU fuses a static slice, its index
+  included, into every loop that consumes it, so each leaf's loops become
+  distinct computations compiled one by one; out of a conditional the
+  figures are plain operands and the leaves' loops are one computation
+  per shape (adagc at 100 leaves: 6.7x Adam's compile time -> 3.7x).
+  On GPU/TPU a conditional costs a launch and a sync, and is left out."""
+  def via_cond(live, parts):
+    return lax.cond(live, lambda: parts,
+                    lambda: jax.tree.map(jnp.zeros_like, parts))
+  return lax.platform_dependent(live, parts, cpu=via_cond,
+                                default=lambda live, parts: parts)

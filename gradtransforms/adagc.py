@@ -120,12 +120,11 @@ def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
         step=_stats.inc(state.step), observed=_stats.inc(state.observed, g_ok),
         gamma=state.gamma.replace(jnp.where(seen, upd, gamma)),
         sumsq=state.gamma.replace(sq), scale=state.gamma.replace(s))
-    # Each leaf reads its scale from the vector. Compile time on XLA:CPU:
-    # each slice of a vector costs ~30 ms of compilation per leaf (a tree
-    # of scalars costs ~8 ms), so adagc compiles in ~3x Adam's time at 100
-    # leaves; computing the scales inline from per-leaf slices of gamma, or
-    # behind an optimization_barrier, measured slower still.
-    scales = _layout.split(s, lay)
+    # Each leaf reads its scale from the vector, out of a conditional on
+    # CPU (_xla.operands: static slices fused into each leaf's loops made
+    # every loop a distinct computation, ~30 ms of compilation a leaf).
+    scales = _layout.split(s, lay, starts=_xla.operands(
+        _layout.starts(lay), state.step >= 0))
     out = _norms.scale_parts(leaves, lay, scales)
     return jax.tree.unflatten(treedef, out), new_state
 
