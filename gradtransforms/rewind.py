@@ -1,4 +1,22 @@
-"""``rewind``: take a run back to its last good snapshot when it goes wrong."""
+"""``rewind``: take a run back to its last good snapshot when it goes wrong.
+
+Memory: one copy of the params and of ``inner``'s state, on the params'
+devices. Host offload (``pinned_host``) is not done: in a deviceless H100
+compile a host-memory snapshot entering a ``cond``/``while`` is copied to
+the device every step, which would cost more than it saves.
+
+Cost: the snapshot and inner state are read only on the steps that
+refresh or rewind (``while_loop`` of 0 or 1 trips, updated in place; a
+``lax.cond`` made XLA:CPU copy every buffer it passes through, and XLA:GPU
+turns a cheap ``cond`` into selects, which read both sides). A refresh
+writes the copy once per ``every`` steps, and a window's end reads the
+params once to check them. Not free: XLA (CPU and GPU alike) copies a
+donated buffer that enters a loop, so with donated params every step
+copies the params once (one read and one write of the params), and the
+update is materialised (a loop carry): 2.7x the params in temporaries on
+XLA:CPU with Adam, against 1.0x for ``gt.guard``
+(``tests/test_api.py``); H100 (deviceless): 124 kernels, guard's 80.
+"""
 
 from __future__ import annotations
 
@@ -52,13 +70,10 @@ class RewindState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _is_guard(x: Any) -> bool:
-  return isinstance(x, GuardState)
-
-
 def _guards(inner_state: Any) -> list[GuardState]:
-  return [s for s in jax.tree.leaves(inner_state, is_leaf=_is_guard)
-          if _is_guard(s)]
+  is_guard = lambda x: isinstance(x, GuardState)
+  return [s for s in jax.tree.leaves(inner_state, is_leaf=is_guard)
+          if is_guard(s)]
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -66,10 +81,6 @@ def _all_finite(tree: Any) -> jax.Array:
   for x in jax.tree.leaves(tree):
     ok = ok & jnp.all(jnp.isfinite(x)) if x.size else ok
   return ok
-
-
-def _select(pred: jax.Array, a: Any, b: Any) -> Any:
-  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
 def _maybe(pred: jax.Array, fn: Any, carry: Any) -> Any:
@@ -84,9 +95,8 @@ def _maybe(pred: jax.Array, fn: Any, carry: Any) -> Any:
 
 
 def _any(flag: jax.Array, axis_name: Any) -> jax.Array:
-  if axis_name is None:
-    return flag
-  return lax.psum(flag.astype(I32), axis_name) > 0
+  return flag if axis_name is None else lax.psum(flag.astype(I32),
+                                                 axis_name) > 0
 
 
 def rewind(inner: optax.GradientTransformation, every: int = 100, *,
@@ -136,26 +146,11 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
 
   No loop: the window restarts at the rewind; another trigger before the
   next refresh is a rewind to the same snapshot (``tries`` counts them).
-  The ``max_rewinds + 1``-th sets the sticky ``halt`` instead: the params
-  go back to the snapshot one last time and every later update is ``-0.0``
-  (params frozen at the last good state, inner state kept): poll
-  ``halt``, save and stop. NaN/Inf never reaches the snapshot (non-finite
-  params are never copied; bad windows are not kept).
+  The ``max_rewinds + 1``-th also sets the sticky ``halt``: every later
+  update is ``-0.0`` (params frozen at the snapshot): poll ``halt``, save,
+  stop. NaN/Inf never reaches the snapshot.
 
-  Memory: one copy of the params and of ``inner``'s state, on the params'
-  devices (no host offload yet: see the module notes).
-
-  Cost: the snapshot and inner state are read only on the steps that
-  refresh or rewind (``while_loop`` of 0 or 1 trips, updated in place; a
-  ``lax.cond`` made XLA:CPU copy every buffer it passes through, and XLA:GPU
-  turns a cheap ``cond`` into selects, which read both sides). A refresh
-  writes the copy once per ``every`` steps, and a window's end reads the
-  params once to check them. Not free: XLA (CPU and GPU alike) copies a
-  donated buffer that enters a loop, so with donated params every step
-  copies the params once (one read and one write of the params), and the
-  update is materialised (a loop carry): 2.7x the params in temporaries on
-  XLA:CPU with Adam, against 1.0x for ``gt.guard``
-  (``tests/test_api.py``).
+  Memory and cost: see the module docstring.
 
   State: :class:`RewindState`; figures via ``gt.metrics`` (``rewind/...``).
 
@@ -192,97 +187,114 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
                        snapshot_inner=tuple(jax.tree.leaves(snap_inner)),
                        inner_state=inner_state)
 
+  cfg = _Cfg(every, patience, margin, max_rewinds, axis_name)
+
   def update_fn(updates, state, params=None, **extra):
     _checks.needs_params("rewind", params)
     loss = extra.get("value")
     if patience is not None and loss is None:
       raise ValueError("rewind(patience=...) needs the loss: call "
                        "update(grads, state, params, value=loss)")
-    new_updates, inner_state = inner.update(updates, state.inner_state,
-                                            params, **extra)
-    guards = _guards(inner_state)
-    halted = jnp.zeros((), jnp.bool_)
-    bad = jnp.zeros((), jnp.bool_)
-    for g, old in zip(guards, _guards(state.inner_state)):
-      halted = halted | (g.halt & ~old.halt)
-      bad = bad | g.bad
-    due = state.since + 1 >= every
-    def check(_):  # at a window's end: are the params (and the next ones) finite
-      fine = _all_finite(params)
-      nxt = fine & _all_finite((new_updates, inner_state))
-      return _any(~fine, axis_name), ~_any(~nxt, axis_name)
-
-    broken, next_ok = _maybe(due, check, (jnp.zeros((), jnp.bool_),
-                                          jnp.zeros((), jnp.bool_)))
-    nonfinite = broken
-    above = state.above
-    if loss is not None:
-      loss = jnp.asarray(loss, F32)
-      if axis_name is not None:
-        loss = lax.pmean(loss, axis_name)
-      if not guards:
-        nonfinite = nonfinite | ~jnp.isfinite(loss)
-      if patience is not None:
-        high = ~(loss <= state.level + margin) & jnp.isfinite(state.level)
-        above = jnp.where(high, _stats.inc(above), 0)
-        bad = bad | high
-    trigger = halted | nonfinite
-    if patience is not None:
-      trigger = trigger | (above >= patience)
-    trigger = _any(trigger & ~state.halt, axis_name)
-    bad = _any(bad, axis_name) | trigger
-    # an Inf/NaN param cannot be undone by an update (inf + x is inf or nan)
-    halt = state.halt | (trigger & ((state.tries >= max_rewinds) | broken))
-    take = due & ~trigger & state.clean & ~bad & ~halt & next_ok
-    frozen = state.halt
-
-    tdef = jax.tree.structure(inner_state)
-
-    def restore(carry):  # rewind, or frozen after halt: back to the snapshot
-      u, _ = carry
-      u = jax.tree.map(
-          lambda s, p, x: jnp.where(frozen, jnp.asarray(-0.0, x.dtype),
-                                    (s - p).astype(x.dtype)),
-          state.snapshot, params, u)
-      return u, jax.tree.unflatten(tdef, state.snapshot_inner)
-
-    def refresh(_):
-      # the params and inner state the next step will receive: p + u as
-      # optax.apply_updates computes it (finite inputs, checked above; an
-      # overflow to Inf would be caught at the next window's end)
-      cand = jax.tree.map(lambda p, d: jnp.asarray(p + d).astype(p.dtype),
-                          params, new_updates)
-      return cand, tuple(jax.tree.leaves(inner_state))
-
-    new_updates, inner_state = _maybe(trigger | frozen, restore,
-                                      (new_updates, inner_state))
-    snapshot, snapshot_inner = _maybe(
-        take, refresh, (state.snapshot, state.snapshot_inner))
-    took = take
-    step = state.step
-    total, count = state.total, state.count
-    if loss is not None:
-      ok = jnp.isfinite(loss) & ~bad
-      total = total + jnp.where(ok, loss, 0.0)
-      count = _stats.inc(count, ok)
-    restart = trigger | due
-    new = RewindState(
-        step=_stats.inc(step), rewound=trigger,
-        rewinds=_stats.inc(state.rewinds, trigger),
-        rewound_to=jnp.where(trigger, state.snapshot_step, state.rewound_to),
-        lost=_stats.inc(state.lost, jnp.where(
-            trigger, step - state.snapshot_step + 1, 0)),
-        snapshot_step=jnp.where(took, _stats.inc(step), state.snapshot_step),
-        tries=jnp.where(took, 0, _stats.inc(state.tries, trigger)),
-        since=jnp.where(restart, 0, _stats.inc(state.since)),
-        clean=restart | (state.clean & ~bad),
-        above=jnp.where(trigger, 0, above),
-        level=jnp.where(took & (count > 0), total / jnp.maximum(count, 1),
-                        state.level),
-        total=jnp.where(restart, 0.0, total),
-        count=jnp.where(restart, 0, count), halt=halt,
-        snapshot=snapshot, snapshot_inner=snapshot_inner,
-        inner_state=inner_state)
-    return new_updates, new
+    u, inner_state = inner.update(updates, state.inner_state, params, **extra)
+    return _step(cfg, state, params, u, inner_state, loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class _Cfg(NamedTuple):
+  every: int
+  patience: int | None
+  margin: float
+  max_rewinds: int
+  axis_name: Any
+
+
+def _decide(cfg: _Cfg, state: RewindState, params, u, inner_state, loss):
+  """This step's flags: ``trigger``, ``bad``, ``halt``, ``take`` (refresh),
+  ``above``, ``loss`` (float32, averaged over ``axis_name``)."""
+  guards = _guards(inner_state)
+  halted = jnp.zeros((), jnp.bool_)
+  bad = jnp.zeros((), jnp.bool_)
+  for g, old in zip(guards, _guards(state.inner_state)):
+    halted = halted | (g.halt & ~old.halt)
+    bad = bad | g.bad
+  due = state.since + 1 >= cfg.every
+
+  def check(_):  # at a window's end: are the params (and the next ones) finite
+    fine = _all_finite(params)
+    nxt = fine & _all_finite((u, inner_state))
+    return _any(~fine, cfg.axis_name), ~_any(~nxt, cfg.axis_name)
+
+  false = jnp.zeros((), jnp.bool_)
+  broken, next_ok = _maybe(due, check, (false, false))
+  nonfinite, above = broken, state.above
+  if loss is not None:
+    loss = jnp.asarray(loss, F32)
+    if cfg.axis_name is not None:
+      loss = lax.pmean(loss, cfg.axis_name)
+    if not guards:
+      nonfinite = nonfinite | ~jnp.isfinite(loss)
+    if cfg.patience is not None:
+      high = ~(loss <= state.level + cfg.margin) & jnp.isfinite(state.level)
+      above = jnp.where(high, _stats.inc(above), 0)
+      bad = bad | high
+  trigger = halted | nonfinite
+  if cfg.patience is not None:
+    trigger = trigger | (above >= cfg.patience)
+  trigger = _any(trigger & ~state.halt, cfg.axis_name)
+  bad = _any(bad, cfg.axis_name) | trigger
+  # an Inf/NaN param cannot be undone by an update (inf + x is inf or nan)
+  halt = state.halt | (trigger & ((state.tries >= cfg.max_rewinds) | broken))
+  take = due & ~trigger & state.clean & ~bad & ~halt & next_ok
+  return dict(trigger=trigger, bad=bad, halt=halt, take=take, above=above,
+              due=due, loss=loss)
+
+
+def _step(cfg: _Cfg, state: RewindState, params, u, inner_state, loss):
+  d = _decide(cfg, state, params, u, inner_state, loss)
+  trigger, bad, take, frozen = d["trigger"], d["bad"], d["take"], state.halt
+  tdef = jax.tree.structure(inner_state)
+
+  def restore(carry):  # rewind, or frozen after halt: back to the snapshot
+    v, _ = carry
+    v = jax.tree.map(
+        lambda s, p, x: jnp.where(frozen, jnp.asarray(-0.0, x.dtype),
+                                  (s - p).astype(x.dtype)),
+        state.snapshot, params, v)
+    return v, jax.tree.unflatten(tdef, state.snapshot_inner)
+
+  def refresh(_):
+    # the params and inner state the next step will receive: p + u as
+    # optax.apply_updates computes it (finite inputs, checked in _decide;
+    # an overflow to Inf would be caught at the next window's end)
+    cand = jax.tree.map(lambda p, v: jnp.asarray(p + v).astype(p.dtype),
+                        params, u)
+    return cand, tuple(jax.tree.leaves(inner_state))
+
+  # restore (reads the snapshot) before refresh (writes it): in place
+  u, inner_state = _maybe(trigger | frozen, restore, (u, inner_state))
+  snapshot, snapshot_inner = _maybe(
+      take, refresh, (state.snapshot, state.snapshot_inner))
+  step, total, count = state.step, state.total, state.count
+  if d["loss"] is not None:
+    ok = jnp.isfinite(d["loss"]) & ~bad
+    total = total + jnp.where(ok, d["loss"], 0.0)
+    count = _stats.inc(count, ok)
+  restart = trigger | d["due"]
+  return u, RewindState(
+      step=_stats.inc(step), rewound=trigger,
+      rewinds=_stats.inc(state.rewinds, trigger),
+      rewound_to=jnp.where(trigger, state.snapshot_step, state.rewound_to),
+      lost=_stats.inc(state.lost, jnp.where(
+          trigger, step - state.snapshot_step + 1, 0)),
+      snapshot_step=jnp.where(take, _stats.inc(step), state.snapshot_step),
+      tries=jnp.where(take, 0, _stats.inc(state.tries, trigger)),
+      since=jnp.where(restart, 0, _stats.inc(state.since)),
+      clean=restart | (state.clean & ~bad),
+      above=jnp.where(trigger, 0, d["above"]),
+      level=jnp.where(take & (count > 0), total / jnp.maximum(count, 1),
+                      state.level),
+      total=jnp.where(restart, 0.0, total),
+      count=jnp.where(restart, 0, count), halt=d["halt"],
+      snapshot=snapshot, snapshot_inner=snapshot_inner,
+      inner_state=inner_state)

@@ -30,6 +30,6 @@ rates.
     python benchmarks/lm_stability.py --out benchmarks/results   # full, <= 30 min
 """
 
-from gradtransforms.bench.lm_stability.cli import main
+from gradtransforms.bench.lm_stability.cli import main, parser
 
-__all__ = ["main"]
+__all__ = ["main", "parser"]

@@ -24,7 +24,8 @@ FULL: dict[str, Any] = dict(d_model=64, num_layers=4, num_heads=4, seq_len=64, b
             fault_lr=1e-2, chunk=50, timing_rounds=3, eval_windows=128)
 
 
-def parse_args(argv=None, prog=None) -> tuple[argparse.Namespace, Config]:
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+  """The benchmark's options (``gradtransforms bench lm_stability --help``)."""
   import gradtransforms.bench.lm_stability as pkg
   ap = argparse.ArgumentParser(prog=prog, description=pkg.__doc__,
                                formatter_class=HelpFormatter)
@@ -53,6 +54,11 @@ def parse_args(argv=None, prog=None) -> tuple[argparse.Namespace, Config]:
   ap.add_argument("--window", type=int, default=None,
                   help="baselines' rolling window (default min(128, steps // 4), "
                        "128 in the stacks; faults go in at steps // 3)")
+  return ap
+
+
+def parse_args(argv=None, prog=None) -> tuple[argparse.Namespace, Config]:
+  ap = parser(prog)
   args = ap.parse_args(argv)
   base: dict[str, Any] = dict(QUICK if args.quick else FULL)
   for k in ("steps", "seeds", "fault_lr"):

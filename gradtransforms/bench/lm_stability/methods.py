@@ -33,7 +33,8 @@ REWIND: dict[str, Any] = dict(every=10, patience=5, margin=0.25, max_rewinds=2)
 """``gt.rewind``'s settings here: a snapshot every 10 steps (PaLM went back
 ~100 steps on runs 1000x longer), a rewind after 5 steps in a row 0.25 nats
 above the snapshot window's mean loss, or when the guard halts (5 bad steps
-in a row)."""
+in a row); after 2 rewinds to one snapshot the third halts (params frozen
+there). ``-r8``: 8 rewinds allowed, enough to outlast the 20-30-step faults."""
 
 
 def _metric(state, key: str) -> jax.Array:
@@ -89,6 +90,15 @@ def scale_by_rate() -> optax.GradientTransformationExtraArgs:
       lambda params: optax.EmptyState(), update)
 
 
+def _rewind(name: str, kw: dict) -> Method:
+  return Method(
+      name, lambda inner: gt.rewind(
+          gt.guard(optax.chain(inner, scale_by_rate()),
+                   on=("spike", "loss_spike"), max_consecutive_errors=5,
+                   layer_axes=stacked_blocks), **kw),
+      lambda s, n: _metric(s, "guard_bad") | _metric(s, "rewound"), "rewind")
+
+
 def methods(window: int) -> dict[str, Method]:
   """The compared methods; ``window`` is the baselines' rolling window."""
   chain = lambda t: (lambda inner: optax.chain(t, inner))
@@ -108,14 +118,8 @@ def methods(window: int) -> dict[str, Method]:
              lambda inner: gt.guard(inner, on=("spike", "loss_spike"),
                                     layer_axes=stacked_blocks),
              lambda s, n: _metric(s, "guard_bad"), "skip"),
-      Method("gt.rewind(gt.guard)",
-             lambda inner: gt.rewind(
-                 gt.guard(optax.chain(inner, scale_by_rate()),
-                          on=("spike", "loss_spike"),
-                          max_consecutive_errors=5, layer_axes=stacked_blocks),
-                 **REWIND),
-             lambda s, n: _metric(s, "guard_bad") | _metric(s, "rewound"),
-             "rewind"),
+      _rewind("gt.rewind+guard", REWIND),
+      _rewind("gt.rewind+guard-r8", dict(REWIND, max_rewinds=8)),
       Method("olmo", lambda inner: rules.olmo_skip_step(inner, window),
              _baseline_skipped, "skip"),
       Method("olmo-pr424",
