@@ -327,13 +327,13 @@ def test_a_rewound_fault_is_contained(monkeypatch):
   monkeypatch.setitem(_registry._REGISTRY, FakeRewindState, info)
   norm = 1.0 + 0.01 * np.sin(np.arange(60))
   loss = np.ones(60)
-  loss[30] = 50.0  # a loss spike the rewind took back
+  loss[30] = 50.0  # a loss spike the rewind took back (its row: the snapshot's)
   rewound = np.zeros(60)
   rewound[30] = 1
   d = gt.diagnose({"monitor/norm": norm, "fake_rewind/rewound": rewound}, loss)
   assert d.contained and d.regime == "healthy"
   assert [(f.step, f.kind, f.action, f.by) for f in d.faults] == [
-      (30, "loss spike", "rewound", "fake_rewind")]
+      (30, "rewind", "rewound", "fake_rewind")]
   assert "rewound by fake_rewind" in d.report
 
 
