@@ -15,8 +15,9 @@ per logged step:
   one: no ``-1`` sentinel, no index to look up); likewise
   ``".../first_nonfinite/<leaf>"``; per-leaf sentinel entries (``-1``:
   "never") left out;
-- every figure describes this step: on a step the guard flagged, the
-  figures of the transforms inside it are left out (the guard rolled their
+- every figure describes this step: on a step the guard flagged (or a
+  ``gt.rewind`` took back), the figures of the transforms inside it are
+  left out (the guard rolled their
   state back or fed them a zero gradient, so they describe the last applied
   step: a clip's norm would read the previous step's 0.6 while the real
   norm was 40); the guard's own ``norm`` is the step's;
@@ -61,6 +62,16 @@ def _first_in(rel: tuple) -> bool:
   return all((isinstance(k, SequenceKey) and k.idx == 0) or
              (isinstance(k, GetAttrKey) and k.name in _reading._WRAPPER_KEYS)
              for k in rel)
+
+
+def _flag(state: Any) -> bool | None:
+  """A wrapper's "this step was taken back" flag (role ``skip``: a guard;
+  ``rewind``: a rewind); None for a state that is no such wrapper."""
+  roles = info(type(state)).roles
+  for role in ("skip", "rewind"):
+    if role in roles:
+      return bool(np.asarray(getattr(state, roles[role])))
+  return None
 
 
 def _state_figures(name: str, state: Any, per_leaf: bool,
@@ -141,11 +152,14 @@ def dashboard(opt_state: Any, per_leaf: bool = False) -> dict[str, float]:
   hps = [injected.get(id(s), {}) for _, s in found]
   found, hps = jax.device_get((found, hps))  # one transfer
   guards = [(p, n, s) for (p, s), n in zip(found, names)
-            if "skip" in info(type(s)).roles]
+            if _flag(s) is not None]
   out: dict[str, float] = {}
   for (path, state), name, hp_of in zip(found, names, hps):
-    owner = next(((gp, gn, gs) for gp, gn, gs in guards
-                  if len(path) > len(gp) and path[:len(gp)] == gp), None)
+    owners = [(gp, gn, gs) for gp, gn, gs in guards
+              if len(path) > len(gp) and path[:len(gp)] == gp]
+    if any(_flag(gs) for gp, _, gs in owners[:-1]):
+      continue  # an outer wrapper (a rewind) took this step back
+    owner = owners[-1] if owners else None
     skip_roles: tuple[str, ...] = ()
     if owner is not None:
       gp, gn, gs = owner
@@ -154,7 +168,7 @@ def dashboard(opt_state: Any, per_leaf: bool = False) -> dict[str, float]:
         for k, v in _state_figures(gn, state, per_leaf).items():
           out.setdefault(k, v)
         continue
-      if bool(np.asarray(getattr(gs, info(type(gs)).roles["skip"]))):
+      if _flag(gs):
         continue  # rolled back: it describes the last applied step
       if _first_in(rel[1:]):
         skip_roles = ("global_norm",)  # the guard's norm, given once

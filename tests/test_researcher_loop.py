@@ -327,11 +327,59 @@ def test_a_rewound_fault_is_contained(monkeypatch):
   monkeypatch.setitem(_registry._REGISTRY, FakeRewindState, info)
   norm = 1.0 + 0.01 * np.sin(np.arange(60))
   loss = np.ones(60)
-  loss[30] = 50.0  # a loss spike the rewind took back
+  loss[30] = 50.0  # a loss spike the rewind took back (its row: the snapshot's)
   rewound = np.zeros(60)
   rewound[30] = 1
   d = gt.diagnose({"monitor/norm": norm, "fake_rewind/rewound": rewound}, loss)
   assert d.contained and d.regime == "healthy"
   assert [(f.step, f.kind, f.action, f.by) for f in d.faults] == [
-      (30, "loss spike", "rewound", "fake_rewind")]
+      (30, "rewind", "rewound", "fake_rewind")]
   assert "rewound by fake_rewind" in d.report
+
+
+def _rewind_run(burst):
+  """gt.rewind(gt.guard(adam, max_consecutive_errors=3), every=10) on a
+  quadratic; NaN gradients of one leaf on the steps of ``burst``."""
+  p = {"w": jnp.ones((4,)), "v": jnp.ones((3,))}
+  tx = gt.rewind(gt.guard(optax.adam(1e-2), max_consecutive_errors=3),
+                 every=10, max_rewinds=2)
+  s = tx.init(p)
+
+  @jax.jit
+  def step(p, s, bad):
+    loss, g = jax.value_and_grad(
+        lambda q: jnp.sum((q["w"] - 2) ** 2) + jnp.sum(q["v"] ** 2))(p)
+    g = {"w": jnp.where(bad, jnp.nan, g["w"]), "v": g["v"]}
+    u, s = tx.update(g, s, p, value=loss)
+    return optax.apply_updates(p, u), s, loss
+
+  hist, dash, losses = [], [], []
+  for t in range(60):
+    p, s, loss = step(p, s, t in burst)
+    hist.append(jax.device_get(gt.metrics(s, per_leaf=True)))
+    dash.append(gt.dashboard(s))
+    losses.append(float(loss))
+  return hist, dash, losses
+
+
+def test_diagnose_reports_rewinds_of_a_real_run():
+  hist, dash, losses = _rewind_run(set(range(30, 34)))
+  d = gt.diagnose(hist, losses)
+  assert d.contained and d.regime == "healthy" and d.halted_by is None
+  rew = [f for f in d.faults if f.action == "rewound"]
+  assert [(f.step, f.by, f.back_to, f.undone) for f in rew] == [
+      (32, "rewind", 30, 3)]
+  assert "1 rewind(s), at step(s) 32" in d.report
+  assert not d.causes and not d.remedies
+  # the dashboard leaves out the figures the rewind rolled back
+  assert dash[32]["rewind/rewound"] == 1.0
+  assert not any(k.startswith("guard/") for k in dash[32])
+  assert "guard/norm" in dash[33]
+
+
+def test_a_rewind_that_halts_points_at_the_data_not_at_clipping():
+  hist, _, losses = _rewind_run(set(range(30, 60)))
+  d = gt.diagnose(hist, losses)
+  assert d.halted_by == "rewind" and not d.contained
+  assert "stopped the run" in d.report and d.suggested_clip is None
+  assert "suggested clip" not in d.report

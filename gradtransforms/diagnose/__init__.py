@@ -37,7 +37,7 @@ import numpy as np
 from gradtransforms.diagnose.clips import check_clips
 from gradtransforms.diagnose.explain import explain
 from gradtransforms.diagnose.faults import (contained, fault_lines,
-                                            find_faults, without)
+                                            find_faults, halted, without)
 from gradtransforms.diagnose.findings import (SATURATING_FACTOR, SPIKE_FACTOR,
                                               STALL, TIGHT_ACTIVE, TIGHT_SCALE,
                                               UPDATE_RATIO_FLOOR,
@@ -80,20 +80,23 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
   """
   r = read(history, loss)
   faults = find_faults(history, r)
-  is_contained = contained(r, faults)
+  is_contained, stopped = contained(r, faults), halted(r, faults)
   whole = r
   if is_contained:  # diagnose the other steps: a skipped NaN is no explosion
     r = read(*without(r, faults))
     r.steps, r.zero_leaves = whole.steps, whole.zero_leaves
     r.first_step, r.norm_key = whole.first_step, whole.norm_key
   f = measure(r)
+  if stopped:  # the fault outlived its rewinds: no clip would fix it
+    f.suggested = None
   regime, evidence = find_regime(r, f)
   causes, remedies = explain(r, f, regime)
   clips, clip_lines, clip_causes = check_clips(r, f, advise=not is_contained)
   causes += clip_causes
   typical = float(np.median(r.healthy)) if r.healthy.size else None
   report = write_report(r, f, regime, evidence, clips, clip_lines, causes,
-                        fault_lines(faults, is_contained, typical), whole,
+                        fault_lines(faults, is_contained, typical, stopped),
+                        whole,
                         len(faults) if is_contained else 0)
   w = r.weights
   bad_layers = whole.bad_layers or [
@@ -105,5 +108,5 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
       regime=regime, evidence=evidence, remedies=remedies,
       layer_factor=f.factor, spike_steps=[r.first_step + t for t in f.spikes], first_update_ratio=f.first_ur,
       last_update_ratio=f.last_ur, loss_change=f.loss_change, dead_layers=f.dead,
-      clips=clips, faults=faults, contained=is_contained,
+      clips=clips, faults=faults, contained=is_contained, halted_by=stopped,
       zero_leaves=whole.zero_leaves)

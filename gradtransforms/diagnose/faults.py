@@ -90,6 +90,29 @@ def _clipped(s: Mapping[str, np.ndarray], t: int) -> str | None:
   return None
 
 
+def _rewound(s: Mapping[str, np.ndarray], head: str, t: int
+             ) -> tuple[int | None, int | None]:
+  """``(step it went back to, steps undone)`` of a rewind at row ``t``,
+  from the rewind's ``rewound_to`` and ``lost`` figures where recorded."""
+  to, lost = s.get(f"{head}/rewound_to"), s.get(f"{head}/lost")
+  back = int(to[t]) if to is not None and np.isfinite(to[t]) else None
+  undone = None
+  if lost is not None and np.isfinite(lost[t]):
+    undone = int(lost[t] - (lost[t - 1] if t and np.isfinite(lost[t - 1])
+                            else 0))
+  return back, undone
+
+
+def halted(r: Series, faults: list[Fault]) -> str | None:
+  """The rewind that stopped the run (its sticky ``halt`` set at the end:
+  the fault outlived its rewinds), if any."""
+  for head in {f.by for f in faults if f.action == "rewound"}:
+    h = r.s.get(f"{head}/halt")
+    if h is not None and len(h) and h[-1] > 0:
+      return head
+  return None
+
+
 def find_faults(history: Any, r: Series) -> list[Fault]:
   """Every fault of the run, in step order (steps as the optimizer counts
   them: ``r.first_step`` + row)."""
@@ -111,23 +134,30 @@ def find_faults(history: Any, r: Series) -> list[Fault]:
     t = int(t)
     kind = ("non-finite" if bad[t] else "norm spike"
             if t in spiked or t in blamed else "loss spike")
-    if skip_key is not None and flagged[t]:
-      by: str | None = skip_key.partition("/")[0]
-      action = "skipped"
-    elif rew_key is not None and rewound[t]:
-      by, action = rew_key.partition("/")[0], "rewound"
+    if rewound[t] and not (r.loss is not None and not np.isfinite(r.loss[t])):
+      kind = "rewind"  # the inner figures of this row are the snapshot's
+    back = undone = None
+    if rew_key is not None and rewound[t]:  # the stronger action first
+      by: str | None = rew_key.partition("/")[0]
+      action = "rewound"
+      back, undone = _rewound(s, by, t)
+    elif skip_key is not None and flagged[t]:
+      by, action = skip_key.partition("/")[0], "skipped"
     else:
       by = None if bad[t] else _clipped(s, t)
       action = "clipped" if by else "none"
     layer = blamed.get(t) or (_leaf_at(r, t, bool(bad[t])) if r.names else None)
+    if kind == "rewind":
+      layer = None
     out.append(Fault(r.first_step + t, kind, action, layer, float(norm[t]),
-                     by))
+                     by, back, undone))
   return out
 
 
 def contained(r: Series, faults: list[Fault]) -> bool:
   """Every fault acted on, and the run healthy after the last one."""
-  if not faults or any(f.action == "none" for f in faults):
+  if (not faults or any(f.action == "none" for f in faults)
+      or halted(r, faults)):
     return False
   first, last = (faults[0].step - r.first_step,
                  faults[-1].step - r.first_step)
@@ -149,8 +179,8 @@ def without(r: Series, faults: list[Fault]) -> tuple[dict[str, np.ndarray],
   return s, None if r.loss is None else np.delete(r.loss, drop)
 
 
-def fault_lines(faults: list[Fault], is_contained: bool, typical: float | None
-                ) -> list[str]:
+def fault_lines(faults: list[Fault], is_contained: bool, typical: float | None,
+                stopped: str | None = None) -> list[str]:
   """Report lines: each fault (up to 5), then whether they were contained;
   none where nothing acted on any fault (an unguarded, unclipped run: the
   regime's own lines say it all)."""
@@ -159,16 +189,32 @@ def fault_lines(faults: list[Fault], is_contained: bool, typical: float | None
   lines = []
   for f in faults[:5]:
     what = {"non-finite": "non-finite gradient", "norm spike": "norm spike",
-            "loss spike": "loss spike"}[f.kind]
+            "loss spike": "loss spike",
+            "rewind": "a rewind's trigger (a guard's halt or the loss)"
+            }[f.kind]
     if f.kind == "norm spike" and typical and f.norm is not None:
       what += f" ({f.norm:.3g}, x{f.norm / typical:.0f} the median)"
     where = f" in {f.layer}" if f.layer else ""
     acted = {"skipped": f"skipped by {f.by}", "clipped": f"clipped by {f.by}",
-             "rewound": f"rewound by {f.by} (params back to its snapshot)",
+             "rewound": f"rewound by {f.by} (params back to its snapshot"
+                        + (f" of step {f.back_to}" if f.back_to is not None
+                           else "")
+                        + (f", {f.undone} steps undone" if f.undone else "")
+                        + ")",
              "none": "nothing acted on it"}[f.action]
     lines.append(f"- fault at step {f.step}: {what}{where}; {acted}")
   if len(faults) > 5:
     lines.append(f"- ... and {len(faults) - 5} more faults")
+  rewinds = [f for f in faults if f.action == "rewound"]
+  if rewinds:
+    lines.append(f"- {len(rewinds)} rewind(s), at step(s) "
+                 f"{', '.join(str(f.step) for f in rewinds[:5])}")
+  if stopped:
+    lines.append(
+        f"- {stopped} stopped the run (halt): the fault outlived its rewinds, "
+        "so it comes back with the same data or schedule (a data stream that "
+        "stays corrupt, a schedule tied to the step): look at the batches and "
+        "the schedule around the rewound steps; clipping would not fix it")
   if is_contained:
     n = ("the fault was" if len(faults) == 1
          else f"all {len(faults)} faults were")

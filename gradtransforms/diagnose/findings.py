@@ -49,16 +49,21 @@ class ClipFinding:
 @dataclasses.dataclass
 class Fault:
   """One faulty step :func:`diagnose` found. ``kind``: ``"non-finite"``,
-  ``"norm spike"`` or ``"loss spike"``; ``action``: ``"skipped"`` (a
+  ``"norm spike"``, ``"loss spike"`` or ``"rewind"`` (a step a rewind took
+  back, whose inner figures are the snapshot's); ``action``: ``"skipped"`` (a
   guard's skip flag), ``"rewound"`` (a rewind took the params back to its
   snapshot), ``"clipped"`` (a clip scaled the step down) or ``"none"``; ``by``: the transform that acted; ``layer``: the leaf (layer
-  slice) the state blamed, if any; ``norm``: the step's global norm."""
+  slice) the state blamed, if any; ``norm``: the step's global norm;
+  for a rewind, ``back_to`` (the snapshot's step) and ``undone`` (steps
+  taken back), where recorded."""
   step: int
   kind: str
   action: str
   layer: str | None
   norm: float | None
   by: str | None = None
+  back_to: int | None = None
+  undone: int | None = None
 
 
 @dataclasses.dataclass
@@ -95,6 +100,7 @@ class Diagnosis:
   clips: list[ClipFinding] = dataclasses.field(default_factory=list)
   faults: list[Fault] = dataclasses.field(default_factory=list)
   contained: bool = False  # every fault acted on, the run healthy after
+  halted_by: str | None = None  # a rewind that stopped the run (halt)
   zero_leaves: list[str] = dataclasses.field(default_factory=list)
 
   def __str__(self) -> str:
