@@ -218,3 +218,17 @@ def test_nnx_optimizer_state_checkpoints(tmp_path):
   assert_bitwise(snap(m2, o2), snap(model, opt))
   assert_bitwise(snap(m3, o3), snap(model, opt))
   assert "monitor/leaf_norm/kernel" in gt.metrics(o3, per_leaf=True)
+
+
+def test_msgpack_checkpoint_of_another_tree_is_caught():
+  """Leaf names travel in the msgpack checkpoint: restoring one made for
+  other params onto this optimizer fails at the next update, clearly."""
+  tx = gt.clip_by_leaf_norm(1.0)
+  other = {"x": jnp.ones(3), "y": jnp.ones(2)}
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  restored = fser.from_bytes(tx.init(params), fser.to_bytes(tx.init(other)))
+  assert restored.sumsq.names == ("x", "y")
+  with pytest.raises(ValueError, match="re-initialise"):
+    tx.update(params, restored)
+  with pytest.raises(ValueError):  # another number of leaves
+    fser.from_bytes(tx.init({"a": jnp.ones(3)}), fser.to_bytes(tx.init(other)))
