@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "overhead": "gradtransforms.bench.overhead",
     "stability": "gradtransforms.bench.stability",
     "sharded_train": "gradtransforms.bench.sharded_train",
+    "kernels": "gradtransforms.bench.kernels",
     # The LM benchmark joins with one line once its code lives here as a
     # module with main(argv, prog) (benchmarks/lm_stability.py then a thin
     # script, like benchmarks/overhead.py):
