@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "stability": "gradtransforms.bench.stability",
     "sharded_train": "gradtransforms.bench.sharded_train",
     "lm_stability": "gradtransforms.bench.lm_stability",
+    "kernels": "gradtransforms.bench.kernels",
 }
 """Benchmark name -> module holding its ``main(argv, prog)``."""
 

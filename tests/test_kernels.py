@@ -1,0 +1,191 @@
+"""Kernel and DRAM-bytes budgets on an H100 and a TPU v5e, compiled here
+without either (issue 21; gradtransforms.bench.compiled).
+
+For every catalogue entry + Adam, per leaf and (where it takes
+``layer_axes``) per layer, on each chip:
+
+* kernels at most its reference's + 5%. The reference
+  (``budgets.reference_kind``): its optax equivalent; else for a clip
+  ``optax.clip_by_global_norm`` + Adam (Adam plus one read of the
+  gradients); else, for a figure only recorded, Adam + a recorded global
+  norm (XLA fuses it into Adam's own pass); ``with_moment_reset``: Adam;
+  ``clippy``: two global-norm clips (it reads the gradients twice).
+  Per leaf the count is measured at 8 and 16 leaves and split into a
+  per-leaf slope and a fixed intercept: the slope may not exceed the
+  reference's (+5%), and slope and intercept together may not exceed the
+  reference's + 5% at 100 leaves (at 16 leaves a fixed cost would weigh
+  six times more than at 100). Stacked (6 leaves of 4 layers): the count
+  itself.
+* bytes at most the floor + 1%: Adam's bytes plus ``budgets.READS[name]``
+  reads of the gradients (0 for a figure only recorded or ``optax.clip``,
+  which fuse into Adam's pass; 1 for a norm; 2 for adaptive_grad_clip's
+  params and gradients norms and for spike_clip's own second moment; 3 for
+  clippy), see ``gradtransforms/bench/budgets.py``.
+
+Leaves are 255 x 254 float32 (shapes only: nothing is allocated), large
+enough that XLA:GPU splits reductions as it does at 50M parameters and not
+tile-aligned. bfloat16 and 100/1,000 leaves are in ``gradtransforms bench
+kernels``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from gradtransforms.bench import budgets, compiled
+from gradtransforms.catalogue import CATALOGUE
+
+PLATFORMS = ("h100", "tpu-v5e")
+PER = 255 * 254
+SMALL, LARGE = 8, 16
+STACKED = budgets.Workload(6, 6 * 4 * PER, layers=4)
+KERNEL_MARGIN, BYTES_MARGIN = 1.05, 1.01
+TARGET_LEAVES = 100
+
+# Over budget on this branch, owned by other helpers (guard, detect_spikes:
+# "guard"; adagc, clippy, spike_clip: "cpu") or not fixed yet here; strict,
+# so the lead drops an entry once its fix is merged.
+_OTHERS = "over budget; being fixed on another branch (issue 21)"
+_MINE = "over budget; not fixed yet (issue 21 item 3)"
+OVER: dict[tuple[str, str, str, str], str] = {}
+
+
+def _over(names, variants, platforms, metrics, reason):
+  for n in names:
+    for v in variants:
+      for p in platforms:
+        for m in metrics:
+          OVER[(n, v, p, m)] = reason
+
+
+_over(["guard", "detect_spikes"], ["per_leaf", "stacked"], PLATFORMS, ["kernels"],
+      _OTHERS + ' (helper "guard")')
+for _key in [("guard", "per_leaf", "tpu-v5e", "kernels")]:
+  del OVER[_key]
+_over(["adagc", "clippy"], ["stacked"], ["h100", "tpu-v5e"], ["kernels"],
+      _OTHERS + ' (helper "cpu")')
+del OVER[("clippy", "stacked", "h100", "kernels")]
+_over(["spike_clip"], ["per_leaf"], PLATFORMS, ["bytes"],
+      _OTHERS + ' (helper "cpu": gt.spam, no second copy of v)')
+_over(["clip_by_leaf_norm"], ["stacked"], ["tpu-v5e"], ["kernels"], _MINE)
+_over(["clip_by_block_rms"], ["stacked"], PLATFORMS, ["kernels"], _MINE)
+_over(["adaptive_grad_clip"], ["per_leaf"], ["h100"], ["kernels"], _MINE)
+_over(["monitor"], ["per_leaf"], ["h100"], ["kernels"], _MINE)
+_over(["monitor"], ["stacked"], PLATFORMS, ["kernels"], _MINE)
+
+
+def _cases():
+  for name, entry in CATALOGUE.items():
+    for variant in ("per_leaf", "stacked") if entry.layer_axes else ("per_leaf",):
+      for platform in PLATFORMS:
+        for metric in ("kernels", "bytes"):
+          key = (name, variant, platform, metric)
+          marks = ([pytest.mark.xfail(strict=True, reason=OVER[key])]
+                   if key in OVER else [])
+          yield pytest.param(*key, id="-".join(key), marks=marks)
+
+
+@functools.lru_cache(maxsize=None)
+def _available(platform: str) -> str | None:
+  return compiled.unavailable(platform)
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(what: str, name: str, platform: str, w: budgets.Workload):
+  """(kernels, bytes) of ``what`` ("method", "reference", "adam") on ``w``."""
+  if what == "adam":
+    step = budgets.adam_step(w)
+  elif what == "method":
+    step = budgets.method_step(name, w)
+  else:
+    step = budgets.reference_step(name, w)
+  s = step.compile(platform)
+  return s.kernels, s.bytes
+
+
+def _per_leaf(n: int) -> budgets.Workload:
+  return budgets.Workload(n, n * PER)
+
+
+def _line(what, name, platform):
+  """(slope, intercept) of kernels against the number of leaves."""
+  k_small = _measure(what, name, platform, _per_leaf(SMALL))[0]
+  k_large = _measure(what, name, platform, _per_leaf(LARGE))[0]
+  slope = (k_large - k_small) / (LARGE - SMALL)
+  return slope, k_small - SMALL * slope
+
+
+def _check_kernels(name, variant, platform):
+  label = budgets.reference_label(name)
+  if variant == "stacked":
+    k = _measure("method", name, platform, STACKED)[0]
+    ref = _measure("reference", name, platform, STACKED)[0]
+    assert k <= KERNEL_MARGIN * ref, (
+        f"{name} (layer_axes=0) on {platform}: {k} kernels, reference "
+        f"({label}) {ref}")
+    return
+  b, a = _line("method", name, platform)
+  rb, ra = _line("reference", name, platform)
+  at, ref_at = a + TARGET_LEAVES * b, ra + TARGET_LEAVES * rb
+  assert b <= KERNEL_MARGIN * rb + 1e-9, (
+      f"{name} on {platform}: {b:g} kernels per leaf, reference ({label}) {rb:g}")
+  assert at <= KERNEL_MARGIN * ref_at, (
+      f"{name} on {platform}: {a:g} fixed + {b:g}/leaf = {at:g} kernels at "
+      f"{TARGET_LEAVES} leaves, reference ({label}) {ra:g} + {rb:g}/leaf = {ref_at:g}")
+
+
+def _check_bytes(name, variant, platform):
+  w = STACKED if variant == "stacked" else _per_leaf(SMALL)
+  got = _measure("method", name, platform, w)[1]
+  adam = _measure("adam", name, platform, w)[1]
+  ref = (_measure("reference", name, platform, w)[1]
+         if CATALOGUE[name].batch_axis else None)
+  floor = budgets.bytes_floor(name, adam, w, ref)
+  reads = budgets.READS.get(name, 1)
+  assert got <= BYTES_MARGIN * floor, (
+      f"{name} ({variant}) on {platform}: {got / adam:.3f}x Adam's bytes, "
+      f"floor {floor / adam:.3f} (Adam + {reads} read(s) of the gradients)")
+
+
+@pytest.mark.parametrize("name,variant,platform,metric", list(_cases()))
+def test_budget(name, variant, platform, metric):
+  reason = _available(platform)
+  if reason:
+    pytest.skip(reason)
+  (_check_kernels if metric == "kernels" else _check_bytes)(name, variant, platform)
+
+
+def test_structure_reads_known_hlo():
+  """The counter itself, on a hand-written module: a fusion and a custom
+  call are kernels; parameters, tuples and constants are not; bytes are
+  operands + results of each kernel; TPU async copies and scalar ops apart."""
+  hlo = """HloModule m
+%f (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %n = f32[8]{0} negate(%p)
+}
+ENTRY %main (a: f32[8], s: f32[]) -> (f32[8], f32[]) {
+  %a = f32[8]{0} parameter(0)
+  %s = f32[] parameter(1)
+  %c = f32[] constant(1)
+  %x = f32[8]{0} fusion(%a), kind=kLoop, calls=%f
+  %cs = (f32[8]{0}, f32[8]{0}, u32[]) copy-start(%x)
+  %cd = f32[8]{0} copy-done(%cs)
+  %y = f32[8]{0} custom-call(%cd), custom_call_target="foo"
+  %t = f32[] add(%s, %c)
+  ROOT %r = (f32[8]{0}, f32[]) tuple(%y, %t)
+}
+"""
+  gpu = compiled.structure(hlo)
+  assert gpu.by_op == {"fusion": 1, "copy-start": 1, "copy-done": 1,
+                       "custom-call": 1, "add": 1}
+  assert gpu.bytes == 64 + (68 + 32) + (32 + 68) + 64 + 12
+  tpu = compiled.structure(hlo, tpu=True)
+  assert (tpu.kernels, tpu.dma, tpu.scalar_ops) == (2, 1, 1)
+
+
+def test_unknown_platform_is_a_value_error():
+  with pytest.raises(ValueError, match="platform"):
+    compiled.device("a100")
