@@ -79,9 +79,10 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                formatter_class=HelpFormatter)
   ap.add_argument("--platforms", nargs="+", default=["h100", "tpu-v5e"],
-                  choices=["h100", "tpu-v5e", "cpu"])
+                  choices=["h100", "tpu-v5e", "cpu"], help="chips to compile for")
   ap.add_argument("--methods", nargs="+", default=list(CATALOGUE),
-                  choices=list(CATALOGUE), metavar="NAME")
+                  choices=list(CATALOGUE), metavar="NAME",
+                  help="catalogue methods to measure")
   ap.add_argument("--leaves", nargs="+", type=positive_int, default=[100],
                   help="per-leaf workloads (1,000: H100 only)")
   ap.add_argument("--layers", type=int, default=24,
@@ -89,7 +90,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
   ap.add_argument("--per-leaf", type=positive_int, default=255 * 254,
                   help="elements per leaf (per layer slice)")
   ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                  choices=["float32", "bfloat16"])
+                  choices=["float32", "bfloat16"],
+                  help="dtype of params, gradients and Adam's moments")
   ap.add_argument("--out", type=out_dir, default=DEFAULT_OUT,
                   help="folder for kernels.md and kernels.json")
   return ap
