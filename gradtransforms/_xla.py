@@ -176,8 +176,10 @@ def guarded_step(pre_skip: jax.Array, run: Any, grads: Any, old_state: Any,
   """
   return lax.platform_dependent(
       pre_skip, grads, old_state, params,
-      cpu=lambda *a: guarded_cond(run, *a, check_output, axis_name),
-      default=lambda *a: guarded_where(run, *a, check_output, axis_name))
+      cpu=lambda k, g, s, p: guarded_cond(run, k, g, s, p, check_output,
+                                          axis_name),
+      default=lambda k, g, s, p: guarded_where(run, k, g, s, p, check_output,
+                                               axis_name))
 
 
 def guarded_where(run, pre_skip, grads, old_state, params, check_output,

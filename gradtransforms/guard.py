@@ -225,7 +225,9 @@ def guard(inner: optax.GradientTransformation,
                                              max_consecutive_errors, 1)
   reset_inner_state = _checks.boolean("reset_inner_state", reset_inner_state)
   check_out = _check_mode(check, check_updates) == "updates"
-  _checks.positive("norm_sigma", norm_sigma)
+  _checks.bound("norm_sigma", norm_sigma, strict=True)
+  if layer_z_thresh is not None:
+    _checks.bound("layer_z_thresh", layer_z_thresh, strict=True)
   kw = _spikes.rule(
       z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes,
       layer_z_thresh=((z_thresh if layer_z_thresh is None else layer_z_thresh)

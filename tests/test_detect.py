@@ -306,3 +306,167 @@ def test_diagnose_steady_run_and_init_scale():
   assert any(c.startswith("initialisation") for c in gt.diagnose(big_start).causes)
   with pytest.raises(ValueError, match="norm"):
     gt.diagnose([{"loss": 1.0}])
+
+
+# --- guard: output check, forms, accumulation, rules --------------------------------
+
+
+def _bits(tree):
+  return [np.asarray(x).reshape(-1).view(np.uint8) for x in jax.tree.leaves(tree)]
+
+
+def _bit_equal(a, b):
+  for x, y in zip(_bits(a), _bits(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("case", ["float16_adam", "eps0_zero_grad", "overflow"])
+def test_guard_default_catches_a_non_finite_output_from_finite_gradients(case):
+  """The three ways an optimizer makes Inf/NaN from a finite gradient: the
+  default guard skips the step bit-exactly; check="gradients" lets it through."""
+  if case == "float16_adam":  # nu = 1e-11 underflows to 0 and eps=1e-8 too
+    p, g, inner = ({"a": jnp.ones(3, jnp.float16)},
+                   {"a": jnp.full(3, 1e-4, jnp.float16)}, lambda: optax.adam(1e-3))
+  elif case == "eps0_zero_grad":  # 0 / 0
+    p, g, inner = {"a": jnp.ones(3)}, {"a": jnp.zeros(3)}, lambda: optax.adam(0.1, eps=0.0)
+  else:
+    p, g, inner = {"a": jnp.ones(3)}, {"a": jnp.full(3, 1e10)}, lambda: optax.scale(1e30)
+  for check, caught in (("updates", True), ("gradients", False)):
+    tx = gt.guard(inner(), check=check)
+    s0 = tx.init(p)
+    u, s = jax.jit(tx.update)(g, s0, p)
+    new = optax.apply_updates(p, u)
+    assert bool(jnp.all(jnp.isfinite(new["a"]))) == caught, check
+    assert bool(s.bad) == caught and bool(s.output_bad) == caught
+    if caught:
+      _bit_equal(new, p)
+      _bit_equal(s.inner_state, s0.inner_state)
+      assert int(s.skipped) == 1 and np.isfinite(float(gt.metrics(s)["guard/norm"]))
+
+
+def test_guard_check_argument_and_its_deprecated_alias():
+  with pytest.raises(ValueError, match="check"):
+    gt.guard(optax.sgd(0.1), check="params")
+  with pytest.raises(ValueError, match="contradicts"):
+    gt.guard(optax.sgd(0.1), check="updates", check_updates=False)
+  with pytest.warns(DeprecationWarning, match="check_updates"):
+    gt.guard(optax.sgd(0.1), check_updates=True)
+  with pytest.raises(TypeError, match="check_updates"):
+    gt.guard(optax.sgd(0.1), check_updates="yes")
+
+
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("pre_skip", [True, False])
+@pytest.mark.parametrize("grad", [0.0, 0.5])  # 0.0: eps=0 makes the output NaN
+def test_guarded_step_cond_and_where_forms_are_bit_identical(check, pre_skip, grad):
+  from gradtransforms import _xla
+  inner = optax.adam(0.1, eps=0.0)
+  p = {"a": jnp.asarray([1.0, -0.0, 2.0]), "b": jnp.ones((2, 2))}
+  g = jax.tree.map(lambda x: jnp.full_like(x, grad), p)
+  old = inner.init(p)
+  old = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, old)
+
+  def run(gr, st, pa):
+    return inner.update(gr, st, pa)
+  outs = [jax.jit(lambda s, g, o, p, f=f: f(run, s, g, o, p, check))(
+      jnp.asarray(pre_skip), g, old, p)
+          for f in (_xla.guarded_cond, _xla.guarded_where)]
+  outs.append(jax.jit(lambda s, g, o, p: _xla.guarded_step(s, run, g, o, p, check))(
+      jnp.asarray(pre_skip), g, old, p))
+  _bit_equal(outs[0], outs[1])
+  _bit_equal(outs[0], outs[2])
+
+
+def test_guard_and_gradient_accumulation_both_orders():
+  """guard(MultiSteps(...)) drops the NaN micro-batch only; MultiSteps(guard)
+  would freeze the run, so it raises unless MultiSteps skips non-finite
+  micro-batches itself."""
+  p = {"a": jnp.ones(3)}
+  good = [{"a": jnp.full(3, 0.1 * (i + 1))} for i in range(8)]
+  nan = {"a": jnp.asarray([0.1, jnp.nan, 0.1])}
+  seq = good[:2] + [nan] + good[2:]
+
+  def train(tx, grads):
+    s, params = tx.init(p), p
+    step = jax.jit(tx.update)
+    for g in grads:
+      u, s = step(g, s, params)
+      params = optax.apply_updates(params, u)
+    return params, s
+
+  tx = gt.guard(optax.MultiSteps(optax.adam(1e-2), 4).gradient_transformation())
+  ours, s = train(tx, seq)
+  ref, _ = train(optax.MultiSteps(optax.adam(1e-2), 4).gradient_transformation(), good)
+  _bit_equal(ours, ref)
+  m = gt.metrics(s)
+  assert int(m["guard/skipped"]) == 1 and int(m["guard/step"]) == 9  # micro-batches
+  assert int(s.detector.first_nonfinite_step) == 2
+
+  with pytest.raises(ValueError, match="MultiSteps"):
+    train(optax.MultiSteps(gt.guard(optax.adam(1e-2)), 4), seq)
+  inside = optax.MultiSteps(gt.guard(optax.adam(1e-2)), 4,
+                            should_skip_update_fn=optax.skip_not_finite)
+  theirs, _ = train(inside, seq)
+  assert bool(jnp.all(jnp.isfinite(theirs["a"])))
+  _bit_equal(theirs, ref)
+
+
+def _small_layer_fault(step_at=40, n=60):
+  """A big leaf dominating the global norm and a small one that jumps x1000
+  at ``step_at``: the global norm barely moves."""
+  rng = np.random.default_rng(0)
+  seq = []
+  for i in range(n):
+    big = 1.0 + 0.02 * rng.normal()
+    small = (1e-5 + 1e-7 * rng.normal()) * (1000.0 if i == step_at else 1.0)
+    seq.append({"big": jnp.full((100,), big / 10.0), "small": jnp.full((4,), small / 2.0)})
+  return seq
+
+
+def test_layer_spike_rule_catches_what_the_global_norm_hides():
+  seq = _small_layer_fault()
+  _, states = run(gt.detect_spikes(layer_z_thresh=6.0), seq)
+  assert [i for i, s in enumerate(states) if bool(s.layer_spike)] == [40]
+  assert not any(bool(s.norm_spike) for s in states)
+  assert gt.culprits(states[40])["detect_spikes/culprit"] == "small"
+  assert float(states[40].layer_zscore) > 6.0 and int(states[-1].layer_spike_count) == 1
+  # off by default: the fields stay at zero
+  _, plain = run(gt.detect_spikes(), seq)
+  assert int(plain[-1].layer_spike_count) == 0 and float(plain[40].layer_zscore) == 0.0
+  _, g = run(gt.guard(optax.sgd(0.1), on="layer_spike"), seq, params=seq[0])
+  assert [i for i, s in enumerate(g) if bool(s.bad)] == [40]
+
+
+def test_norm_sigma_rule_on_the_raw_norm():
+  norms = list(1.0 + 0.01 * np.random.default_rng(2).normal(size=50))
+  norms[35] = 1.5  # +50 sigma of the raw norm
+  _, states = run(gt.detect_spikes(norm_sigma=6.0), grads_with_norms(norms))
+  assert [i for i, s in enumerate(states) if bool(s.sigma_spike)] == [35]
+  np.testing.assert_allclose(float(states[35].sigma_zscore), 50, rtol=0.5)
+  _, g = run(gt.guard(optax.sgd(0.1), on=("norm_sigma",)), grads_with_norms(norms),
+             params=grads_with_norms(norms)[0])
+  assert [i for i, s in enumerate(g) if bool(s.bad)] == [35]
+
+
+@pytest.mark.parametrize("make,arg", [
+    (lambda: gt.detect_spikes(layer_z_thresh=-1.0), "layer_z_thresh"),
+    (lambda: gt.detect_spikes(norm_sigma=0.0), "norm_sigma"),
+    (lambda: gt.detect_spikes(norm_sigma=float("nan")), "norm_sigma"),
+    (lambda: gt.guard(optax.sgd(0.1), on="layer_spike", layer_z_thresh=0.0), "layer_z_thresh"),
+    (lambda: gt.guard(optax.sgd(0.1), norm_sigma=-2.0), "norm_sigma"),
+    (lambda: gt.guard(optax.sgd(0.1), on="sigma"), "on")])
+def test_rule_arguments_are_validated(make, arg):
+  with pytest.raises(ValueError, match=arg):
+    make()
+
+
+def test_guard_records_the_skipped_steps_own_norm():
+  norms = list(STEADY[:40]) + [1000.0]
+  seq = grads_with_norms(norms)
+  tx = gt.guard(optax.chain(gt.clip_by_global_norm(1e9), optax.sgd(0.1)), on="spike")
+  _, states = run(tx, seq, params=seq[0])
+  m = gt.metrics(states[-1])
+  assert bool(m["guard/bad"]) and not bool(m["guard/output_bad"])
+  np.testing.assert_allclose(float(m["guard/norm"]), 1000.0, rtol=1e-5)
+  # the inner clip's figure is the last applied step's
+  np.testing.assert_allclose(float(m["clip_by_global_norm/norm"]), norms[-2], rtol=1e-5)
