@@ -1,26 +1,52 @@
-"""``guard``: wrap an optimizer and act on non-finite or spiking steps."""
+"""``guard``: wrap an optimizer and act on non-finite or spiking steps.
+
+Cost (50M float32 parameters, 100 leaves, + Adam; 2-core CPU, contended):
+one read of the gradients (norm and finiteness, in float32). On CPU the
+step is decided first and run under ``lax.cond`` (no copy of the state
+to undo a step); ``inner``'s output is one update-sized buffer there.
+``check="updates"`` computes ``inner``'s output once more for its
+finiteness alone (a reduction: reads what ``inner`` reads, writes
+nothing): about ``apply_if_finite``'s cost. ``check="gradients"``, the
+cheaper mode, skips that and lets a non-finite output of ``inner`` from
+finite gradients through. On GPU/TPU the same numbers come from selects
+(no branch, no host sync) and the output check fuses into ``inner``'s
+pass.
+
+Gradient accumulation: wrap the accumulator,
+``gt.guard(optax.MultiSteps(opt, k).gradient_transformation())``: each
+micro-batch is checked and a bad one is dropped (step numbers then count
+micro-batches). ``optax.MultiSteps(gt.guard(opt), k)`` raises at trace
+time unless MultiSteps is given ``should_skip_update_fn`` (e.g.
+``optax.skip_not_finite``): its accumulator would keep a NaN for ever.
+
+Unlike ``optax.apply_if_finite`` (which, in optax 0.2.8, checks only the
+gradient it is given), the guard by default also checks what it applies,
+and never lets a non-finite gradient reach ``inner`` or the params,
+however many bad steps come in a row: after ``max_consecutive_errors`` of
+them it sets the sticky ``halt`` flag (and, with
+``reset_inner_state=True``, re-initialises ``inner``'s state from
+``params`` and starts counting again), and keeps skipping.
+"""
 
 from __future__ import annotations
 
-import sys
-import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks, _events, _norms, _spikes, _stats, _xla
+from gradtransforms import _events, _norms, _spikes, _stats, _xla
 from gradtransforms._layout import LayerAxes
 from gradtransforms._registry import register
 
-TRIGGERS = ("nonfinite", "spike", "loss_spike", "layer_spike", "norm_sigma")
-ACTIONS = ("skip", "zero", "rescale")
-CHECKS = ("updates", "gradients")
+from gradtransforms._guard_checks import (  # noqa: F401 (TRIGGERS re-exported)
+    ACTIONS, CHECKS, TRIGGERS, _configure, _entry_checks)
 
 
 @register("guard", ("step", "norm", "bad", "output_bad", "consecutive",
-                    "skipped", "halt", "halts", "resets"), {"skip": "bad"})
+                    "skipped", "halt", "halts", "resets"),
+          {"skip": "bad", "global_norm": "norm"})
 class GuardState(NamedTuple):
   """The guard's state; every figure describes the step just taken.
 
@@ -64,62 +90,73 @@ def _check_inner(inner: Any) -> None:
                     f"{inner!r}{hint}")
 
 
-def _refuse_multisteps() -> None:
-  """Raises if this update runs inside ``optax.MultiSteps`` without a
-  ``should_skip_update_fn``: MultiSteps keeps a NaN micro-batch in its
-  accumulator for ever (it clears it by multiplying by 0), so a guard
-  inside it would skip every later step. Checked at trace time (a walk up
-  the Python stack, no run-time cost)."""
-  f = sys._getframe(2)
-  for _ in range(64):
-    if f is None:
-      return
-    code = f.f_code
-    if (getattr(code, "co_qualname", "").startswith("MultiSteps.")
-        and "optax" in code.co_filename):
-      ms = f.f_locals.get("self")
-      fn = getattr(ms, "_should_skip_update_fn", None)
-      if fn is None or "MultiSteps.__init__" in getattr(fn, "__qualname__", ""):
-        raise ValueError(
-            "gt.guard inside optax.MultiSteps: one non-finite micro-batch "
-            "would stay in MultiSteps' accumulator (0 * NaN = NaN) and every "
-            "later step would be skipped. Put the guard outside: "
-            "gt.guard(optax.MultiSteps(opt, k).gradient_transformation()) "
-            "(it skips the bad micro-batch only), or pass "
-            "should_skip_update_fn=optax.skip_not_finite to MultiSteps.")
-      return
-    f = f.f_back
+def _fired(det: Any, triggers: tuple) -> jax.Array:
+  """Whether any spike rule listed in ``triggers`` fired on this step."""
+  spike = jnp.zeros((), jnp.bool_)
+  for t, flag in (("spike", det.norm_spike), ("loss_spike", det.loss_spike),
+                  ("layer_spike", det.layer_spike),
+                  ("norm_sigma", det.sigma_spike)):
+    if t in triggers:
+      spike = spike | flag
+  return spike
 
 
-def _triggers(on: Any) -> tuple:
-  if isinstance(on, str):
-    triggers: tuple = (on,)
-  elif isinstance(on, (list, tuple)):
-    triggers = tuple(on)
+def _prepare(action, bad, spike, nonfinite, det, state):
+  """``(prep, pre_skip)``: what ``inner`` gets as gradient, and whether the
+  step is skipped before ``inner`` runs."""
+  if action == "zero":
+    return (lambda u: _norms.select_tree(bad, _norms.zeros_like_tree(u), u),
+            jnp.zeros((), jnp.bool_))
+  if action == "rescale":
+    typical = jnp.exp(state.detector.norm_stats.mean)
+    s = jnp.where(spike & ~nonfinite, _norms.clip_scale(det.norm, typical), 1.0)
+    return (lambda u: _norms.scale_tree(u, s)), nonfinite
+  return (lambda u: u), bad
+
+
+def _bookkeep(state, bad, out_bad, det, inner_state, params, *, inner,
+              max_errors, reset, on_event) -> GuardState:
+  """The guard's counters, ``halt`` and the optional reset and event."""
+  consecutive = jnp.where(bad, _stats.inc(state.consecutive), 0)
+  hit = jnp.zeros((), jnp.bool_)
+  if max_errors is not None:
+    hit = consecutive >= max_errors
+  resets = state.resets
+  if reset:
+    inner_state = _norms.select_tree(hit, inner.init(params), inner_state)
+    consecutive = jnp.where(hit, 0, consecutive)
+    resets = _stats.inc(resets, hit)
+  new = GuardState(step=_stats.inc(state.step), bad=bad, output_bad=out_bad,
+                   consecutive=consecutive,
+                   skipped=_stats.inc(state.skipped, bad),
+                   halt=state.halt | hit, halts=_stats.inc(state.halts, hit),
+                   resets=resets, detector=det, inner_state=inner_state)
+  figs = dict(_spikes.event_figures(det), bad=bad, output_bad=out_bad,
+              consecutive=consecutive, halt=new.halt)
+  _events.emit(on_event, bad, figs, det.leaf_log_mean.names)
+  return new
+
+
+def _run(inner, det, state, updates, params, extra, *, triggers, action,
+         check_out, axis_name):
+  """Decides the step from the gradient's figures and runs ``inner`` (or
+  not); returns ``(updates, inner_state, bad, output_bad)``."""
+  nonfinite = det.nonfinite
+  spike = _fired(det, triggers)
+  bad = nonfinite | spike
+  prep, pre_skip = _prepare(action, bad, spike, nonfinite, det, state)
+
+  def run(grads, inner_state, params):  # the gradient is prepared inside,
+    return inner.update(prep(grads), inner_state, params, **extra)  # fused
+  if action == "zero" and not check_out:  # inner always runs
+    new_updates, inner_state = run(updates, state.inner_state, params)
+    out_bad = jnp.zeros((), jnp.bool_)
   else:
-    raise TypeError(f"on must be a string or a sequence of strings from "
-                    f"{TRIGGERS}, got {on!r}")
-  for t in triggers:
-    _checks.one_of("on", t, TRIGGERS)
-  return triggers
-
-
-def _check_mode(check: Any, check_updates: Any) -> str:
-  """``check``, with the 0.2 keyword ``check_updates`` mapped onto it."""
-  if check_updates is not None:
-    check_updates = _checks.boolean("check_updates", check_updates)
-    warnings.warn("guard(check_updates=...) is deprecated: the default "
-                  'check="updates" checks the inner output; '
-                  'check_updates=False is check="gradients"',
-                  DeprecationWarning, stacklevel=3)
-    mapped = "updates" if check_updates else "gradients"
-    if check is not None and check != mapped:
-      raise ValueError(f"guard: check={check!r} contradicts "
-                       f"check_updates={check_updates}")
-    return mapped
-  check = "updates" if check is None else check
-  _checks.one_of("check", check, CHECKS)
-  return check
+    new_updates, inner_state, out_bad = _xla.guarded_step(
+        pre_skip, run, updates, state.inner_state, params, check_out,
+        axis_name)
+  bad = bad | out_bad
+  return new_updates, inner_state, bad, out_bad
 
 
 def guard(inner: optax.GradientTransformation,
@@ -165,32 +202,8 @@ def guard(inner: optax.GradientTransformation,
     running typical norm ``exp(mean log ||g||)`` and passed to ``inner``; a
     non-finite step is skipped.
 
-  Unlike ``optax.apply_if_finite`` (which, in optax 0.2.8, checks only the
-  gradient it is given), the guard by default also checks what it applies,
-  and never lets a non-finite gradient reach ``inner`` or the params,
-  however many bad steps come in a row: after ``max_consecutive_errors`` of
-  them it sets the sticky ``halt`` flag (and, with
-  ``reset_inner_state=True``, re-initialises ``inner``'s state from
-  ``params`` and starts counting again), and keeps skipping.
-
-  Cost (50M float32 parameters, 100 leaves, + Adam; 2-core CPU, contended):
-  one read of the gradients (norm and finiteness, in float32). On CPU the
-  step is decided first and run under ``lax.cond`` (no copy of the state
-  to undo a step); ``inner``'s output is one update-sized buffer there.
-  ``check="updates"`` computes ``inner``'s output once more for its
-  finiteness alone (a reduction: reads what ``inner`` reads, writes
-  nothing): about ``apply_if_finite``'s cost. ``check="gradients"``, the
-  cheaper mode, skips that and lets a non-finite output of ``inner`` from
-  finite gradients through. On GPU/TPU the same numbers come from selects
-  (no branch, no host sync) and the output check fuses into ``inner``'s
-  pass.
-
-  Gradient accumulation: wrap the accumulator,
-  ``gt.guard(optax.MultiSteps(opt, k).gradient_transformation())``: each
-  micro-batch is checked and a bad one is dropped (step numbers then count
-  micro-batches). ``optax.MultiSteps(gt.guard(opt), k)`` raises at trace
-  time unless MultiSteps is given ``should_skip_update_fn`` (e.g.
-  ``optax.skip_not_finite``): its accumulator would keep a NaN for ever.
+  Comparison with ``optax.apply_if_finite``, cost and gradient
+  accumulation: see the module docstring.
 
   State: :class:`GuardState`; figures via ``gt.metrics`` (``guard/...`` and
   ``detect_spikes/...``).
@@ -218,21 +231,11 @@ def guard(inner: optax.GradientTransformation,
       device then takes the same skip decision.
   """
   _check_inner(inner)
-  triggers = _triggers(on)
-  _checks.one_of("action", action, ACTIONS)
-  if max_consecutive_errors is not None:
-    max_consecutive_errors = _checks.integer("max_consecutive_errors",
-                                             max_consecutive_errors, 1)
-  reset_inner_state = _checks.boolean("reset_inner_state", reset_inner_state)
-  check_out = _check_mode(check, check_updates) == "updates"
-  _checks.bound("norm_sigma", norm_sigma, strict=True)
-  if layer_z_thresh is not None:
-    _checks.bound("layer_z_thresh", layer_z_thresh, strict=True)
-  kw = _spikes.rule(
-      z_thresh, warmup_steps, decay, loss_z_thresh, axis_name, layer_axes,
-      layer_z_thresh=((z_thresh if layer_z_thresh is None else layer_z_thresh)
-                      if "layer_spike" in triggers else None),
-      norm_sigma=norm_sigma if "norm_sigma" in triggers else None)
+  triggers, max_consecutive_errors, reset_inner_state, check_out, kw = (
+      _configure(on, action, max_consecutive_errors, reset_inner_state, check,
+                 check_updates, norm_sigma, layer_z_thresh,
+                 (z_thresh, warmup_steps, decay, loss_z_thresh, axis_name,
+                  layer_axes)))
   _events.check_hook(on_event)
   inner = optax.with_extra_args_support(inner)
 
@@ -244,66 +247,15 @@ def guard(inner: optax.GradientTransformation,
                       inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra):
-    _checks.float_leaves("updates", updates)
-    _refuse_multisteps()
-    if reset_inner_state and params is None:
-      raise ValueError("guard(reset_inner_state=True) needs params in update")
-    loss = extra.get("value")
-    if "loss_spike" in triggers and loss is None:
-      raise ValueError('guard(on="loss_spike") needs the loss: call '
-                       "update(grads, state, params, value=loss)")
+    loss = _entry_checks(updates, params, extra, reset_inner_state, triggers)
     det = _spikes.observe(state.detector, updates, loss, what="guard", **kw)
     updates, det = _xla.detach(updates, det)
-    nonfinite = det.nonfinite
-    spike = jnp.zeros((), jnp.bool_)
-    for t, flag in (("spike", det.norm_spike), ("loss_spike", det.loss_spike),
-                    ("layer_spike", det.layer_spike),
-                    ("norm_sigma", det.sigma_spike)):
-      if t in triggers:
-        spike = spike | flag
-    bad = nonfinite | spike
-
-    no = jnp.zeros((), jnp.bool_)
-    if action == "zero":
-      prep = lambda u: _norms.select_tree(bad, _norms.zeros_like_tree(u), u)
-      pre_skip = no
-    elif action == "rescale":
-      typical = jnp.exp(state.detector.norm_stats.mean)
-      s = jnp.where(spike & ~nonfinite, _norms.clip_scale(det.norm, typical), 1.0)
-      prep, pre_skip = (lambda u: _norms.scale_tree(u, s)), nonfinite
-    else:
-      prep, pre_skip = (lambda u: u), bad
-
-    def run(grads, inner_state, params):  # the gradient is prepared inside,
-      return inner.update(prep(grads), inner_state, params, **extra)  # fused
-    if action == "zero" and not check_out:  # inner always runs
-      new_updates, inner_state = run(updates, state.inner_state, params)
-      out_bad = no
-    else:
-      new_updates, inner_state, out_bad = _xla.guarded_step(
-          pre_skip, run, updates, state.inner_state, params, check_out,
-          axis_name)
-    bad = bad | out_bad
-    return new_updates, _bookkeep(state, bad, out_bad, det, inner_state, params)
-
-  def _bookkeep(state, bad, out_bad, det, inner_state, params):
-    consecutive = jnp.where(bad, _stats.inc(state.consecutive), 0)
-    hit = jnp.zeros((), jnp.bool_)
-    if max_consecutive_errors is not None:
-      hit = consecutive >= max_consecutive_errors
-    resets = state.resets
-    if reset_inner_state:
-      inner_state = _norms.select_tree(hit, inner.init(params), inner_state)
-      consecutive = jnp.where(hit, 0, consecutive)
-      resets = _stats.inc(resets, hit)
-    new = GuardState(step=_stats.inc(state.step), bad=bad, output_bad=out_bad,
-                     consecutive=consecutive,
-                     skipped=_stats.inc(state.skipped, bad),
-                     halt=state.halt | hit, halts=_stats.inc(state.halts, hit),
-                     resets=resets, detector=det, inner_state=inner_state)
-    figs = dict(_spikes.event_figures(det), bad=bad, output_bad=out_bad,
-                consecutive=consecutive, halt=new.halt)
-    _events.emit(on_event, bad, figs, det.leaf_log_mean.names)
-    return new
+    new_updates, inner_state, bad, out_bad = _run(
+        inner, det, state, updates, params, extra, triggers=triggers,
+        action=action, check_out=check_out, axis_name=axis_name)
+    return new_updates, _bookkeep(
+        state, bad, out_bad, det, inner_state, params, inner=inner,
+        max_errors=max_consecutive_errors, reset=reset_inner_state,
+        on_event=on_event)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,4 +1,15 @@
-"""ZClip: z-score based adaptive clipping of the global norm."""
+"""ZClip: z-score based adaptive clipping of the global norm.
+
+Non-finite and zero norms are not observations: unlike the reference
+(where one NaN poisons the EMA for good, and zero gradients during
+warm-up give ``mu = var = 0``, after which every norm is a spike clipped
+to 0, forever) such a norm is not counted, does not touch the buffer or
+the statistics, and its update passes unchanged (a zero update stays
+zero). So warm-up ends after ``warmup_steps`` finite non-zero norms, and a
+stretch of zero gradients leaves the statistics as they were. On finite
+non-zero norms the numbers are the reference's. An empty tree has norm 0
+and passes through.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +51,41 @@ class ZClipState(NamedTuple):
   zscore: jax.Array
 
 
+def _validate(decay, z_thresh, max_grad_norm, eps, warmup_steps, mode,
+              clip_option, clip_factor, skip_update_on_spike, axis_name):
+  """Checks zclip's arguments; returns the normalised static ones."""
+  _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
+  _checks.axis_name("axis_name", axis_name)
+  _checks.positive("z_thresh", z_thresh, allow_inf=True)
+  if max_grad_norm is not None:
+    _checks.bound("max_grad_norm", max_grad_norm)
+  _checks.nonnegative("eps", eps)
+  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
+  mode = _checks.one_of("mode", mode.lower() if isinstance(mode, str) else mode,
+                        ("zscore", "percentile"))
+  clip_option = _checks.one_of("clip_option", clip_option,
+                               ("adaptive_scaling", "mean"))
+  _checks.positive("clip_factor", clip_factor)
+  skip_update_on_spike = _checks.boolean("skip_update_on_spike",
+                                         skip_update_on_spike)
+  return mode, clip_option, skip_update_on_spike, warmup_steps
+
+
+def _clip_value(state, n, z, std, *, mode, clip_option, z_thresh,
+                clip_factor):
+  """The spike test and its clip value against the EMA statistics."""
+  if mode == "percentile":
+    clip_val = state.mean + z_thresh * std
+    spike = n > clip_val
+  else:
+    spike = z > z_thresh
+    if clip_option == "adaptive_scaling":
+      clip_val = clip_factor * (state.mean + z_thresh * std / (z / z_thresh))
+    else:
+      clip_val = state.mean
+  return clip_val, spike
+
+
 def zclip(decay: float = 0.97, z_thresh: float = 2.5,
           max_grad_norm: float | None = 1.0, eps: float = 1e-6,
           warmup_steps: int = 25, mode: str = "zscore",
@@ -68,15 +114,7 @@ def zclip(decay: float = 0.97, z_thresh: float = 2.5,
   a spike and ``n`` otherwise (skipped on a spike if
   ``skip_update_on_spike``).
 
-  Non-finite and zero norms are not observations: unlike the reference
-  (where one NaN poisons the EMA for good, and zero gradients during
-  warm-up give ``mu = var = 0``, after which every norm is a spike clipped
-  to 0, forever) such a norm is not counted, does not touch the buffer or
-  the statistics, and its update passes unchanged (a zero update stays
-  zero). So warm-up ends after ``warmup_steps`` finite non-zero norms, and a
-  stretch of zero gradients leaves the statistics as they were. On finite
-  non-zero norms the numbers are the reference's. An empty tree has norm 0
-  and passes through.
+  Non-finite and zero norms: see the module docstring.
 
   State: :class:`ZClipState`. Defaults are the reference's.
 
@@ -92,20 +130,9 @@ def zclip(decay: float = 0.97, z_thresh: float = 2.5,
     skip_update_on_spike: keep the statistics unchanged on a spike (a bool).
     axis_name: as in :func:`gradtransforms.clip_by_global_norm`.
   """
-  _checks.in_range("decay", decay, 0.0, 1.0, hi_open=True)
-  _checks.axis_name("axis_name", axis_name)
-  _checks.positive("z_thresh", z_thresh, allow_inf=True)
-  if max_grad_norm is not None:
-    _checks.bound("max_grad_norm", max_grad_norm)
-  _checks.nonnegative("eps", eps)
-  warmup_steps = _checks.integer("warmup_steps", warmup_steps, minimum=1)
-  mode = _checks.one_of("mode", mode.lower() if isinstance(mode, str) else mode,
-                        ("zscore", "percentile"))
-  clip_option = _checks.one_of("clip_option", clip_option,
-                               ("adaptive_scaling", "mean"))
-  _checks.positive("clip_factor", clip_factor)
-  skip_update_on_spike = _checks.boolean("skip_update_on_spike",
-                                         skip_update_on_spike)
+  mode, clip_option, skip_update_on_spike, warmup_steps = _validate(
+      decay, z_thresh, max_grad_norm, eps, warmup_steps, mode, clip_option,
+      clip_factor, skip_update_on_spike, axis_name)
   cap = jnp.inf if max_grad_norm is None else max_grad_norm
 
   @_xla.fresh_state
@@ -134,15 +161,9 @@ def zclip(decay: float = 0.97, z_thresh: float = 2.5,
     # Spike test and clip value against the EMA.
     std = jnp.sqrt(state.var)
     z = _stats.zscore(_stats.MeanVar(state.mean, state.var), n, eps)
-    if mode == "percentile":
-      clip_val = state.mean + z_thresh * std
-      spike = n > clip_val
-    else:
-      spike = z > z_thresh
-      if clip_option == "adaptive_scaling":
-        clip_val = clip_factor * (state.mean + z_thresh * std / (z / z_thresh))
-      else:
-        clip_val = state.mean
+    clip_val, spike = _clip_value(state, n, z, std, mode=mode,
+                                  clip_option=clip_option, z_thresh=z_thresh,
+                                  clip_factor=clip_factor)
     spike = ready & ok & spike
     bound = jnp.where(ready, jnp.minimum(jnp.where(spike, clip_val, n), cap),
                       cap)
