@@ -32,7 +32,8 @@ def test_rate_goes_inside_the_rewind_and_its_snapshot_is_the_applied_params():
 
 def test_methods_report_their_costs_and_the_fault_table():
   ms = methods(8)
-  assert {"gt.rewind+guard", "gt.rewind+guard-r8", "gt.guard", "olmo"} <= set(ms)
+  assert {"gt.rewind+guard", "gt.rewind+guard-r8", "gt.guard", "gt.guard-layer",
+          "gt.guard-sigma", "olmo"} <= set(ms)
   steps = 12
   z = np.zeros(steps)
   f = {"loss": np.linspace(3, 2, steps), "acted": z.astype(bool),
