@@ -67,7 +67,7 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   if any(a is not None for a in lay.axes):
     # On every platform: XLA otherwise merges a sum over per-layer sums
     # back into a reduction of the gradients themselves, a second read of
-    # them (CPU: a parameter-sized temporary, see _xla.settle; H100/TPU:
+    # them (CPU: it writes g*g to a parameter-sized temporary; H100/TPU:
     # 1.143x Adam's bytes instead of 1.000 for a monitor).
     parts = lax.optimization_barrier(parts)
   return parts

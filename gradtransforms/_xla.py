@@ -32,16 +32,6 @@ def detach(updates: Any, figures: Any) -> tuple[Any, Any]:
       default=lambda u, f: (u, f))
 
 
-def settle(x: Any) -> Any:
-  """``x``, on CPU behind an ``optimization_barrier``: for small figures
-  that several reductions consume. XLA:CPU otherwise merges a sum over
-  per-layer sums back into the reduction of the gradient and writes the
-  squared gradient to a parameter-sized buffer (one more Adam step's worth
-  of page faults per step)."""
-  return lax.platform_dependent(x, cpu=lax.optimization_barrier,
-                                default=lambda v: v)
-
-
 def rollback(skip: jax.Array, updates: Any, old_state: Any, new_state: Any
              ) -> tuple[Any, Any]:
   """``(where(skip, -0.0, updates), where(skip, old_state, new_state))``.

@@ -7,19 +7,13 @@ import sys
 from pathlib import Path
 
 import gradtransforms as gt
+from _core_install import BLOCK_EXTRAS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
 
-_BLOCK = r"""
-import importlib.abc, sys
-BLOCKED = {"flax", "matplotlib", "rich"}
-class Block(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in BLOCKED:
-      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
+_BLOCK = BLOCK_EXTRAS + r"""
 from gradtransforms.__main__ import main
 try:
   rc = main(sys.argv[1:])

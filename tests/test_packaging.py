@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gradtransforms as gt
+from _core_install import BLOCK_EXTRAS
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "gradtransforms"
@@ -42,14 +43,7 @@ def test_core_modules_import_no_extra():
     assert not bad, f"{p.relative_to(ROOT)} imports {bad}: core needs jax/optax/numpy only"
 
 
-_BLOCKED_RUN = r"""
-import importlib.abc, sys
-BLOCKED = {"flax", "matplotlib", "rich"}
-class Block(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in BLOCKED:
-      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
+_BLOCKED_RUN = BLOCK_EXTRAS + r"""
 
 import jax.numpy as jnp, optax
 import gradtransforms as gt
