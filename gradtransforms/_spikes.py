@@ -132,17 +132,22 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
             loss_z_thresh: Any, warmup_steps: int, decay: Any,
             axis_name: str | None, layer_axes: LayerAxes,
             layer_z_thresh: Any = None, norm_sigma: Any = None,
-            what: str = "detect_spikes") -> DetectSpikesState:
+            what: str = "detect_spikes", parts: Any = None
+            ) -> DetectSpikesState:
   """One detection step (pure): one read of the gradients, then scalar and
-  per-segment vector arithmetic on their sums of squares."""
+  per-segment vector arithmetic on their sums of squares (``parts``, as
+  ``_norms.leaf_sumsq`` gives them, when the caller computed them)."""
   leaves = jax.tree.leaves(updates)
   lay = _layout.layout(updates, layer_axes)
   _layout.check_names(lay, state.leaf_log_mean, what)
-  sq = _layout.stack(_norms.leaf_sumsq(leaves, lay, axis_name))
+  if parts is None:
+    parts = _norms.leaf_sumsq(leaves, lay, axis_name)
+  sq = _layout.stack(parts)
   n = jnp.sqrt(jnp.sum(sq))
   finite = jnp.isfinite(n)
   norm_stats, norm_z, norm_spike = _stats.series_observe(
       state.norm_stats, jnp.log(n), decay, z_thresh, warmup_steps)
+  loss_given = loss is not None
   if loss is None:
     loss = jnp.full((), jnp.nan, _F32)
     loss_stats, loss_z = state.loss_stats, jnp.zeros((), _F32)
@@ -158,7 +163,11 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
     raw_stats, sigma_z, sigma_spike = _stats.series_observe(
         state.raw_stats, n, decay, norm_sigma, warmup_steps)
   segs = _segments(state, sq, norm_spike, decay, layer_z_thresh, warmup_steps)
-  return _assemble(state, segs, lay.size, n=n, finite=finite, loss=loss,
+  # a rule that is off passes its old (constant) figures on: a new constant
+  # costs a copy kernel per figure on GPU
+  off = {"layer": layer_z_thresh is None, "sigma": norm_sigma is None,
+         "loss": loss_given is False}
+  return _assemble(state, segs, lay.size, off, n=n, finite=finite, loss=loss,
                    norm_stats=norm_stats, loss_stats=loss_stats, norm_z=norm_z,
                    loss_z=loss_z, norm_spike=norm_spike, loss_spike=loss_spike,
                    nonfinite=nonfinite, raw_stats=raw_stats, sigma_z=sigma_z,
@@ -196,7 +205,7 @@ def _segments(state, sq, norm_spike, decay, layer_z_thresh, warmup_steps):
               layer_spike=layer_spike)
 
 
-def _assemble(state, g, size, *, n, finite, loss, norm_stats, loss_stats,
+def _assemble(state, g, size, off, *, n, finite, loss, norm_stats, loss_stats,
               norm_z, loss_z, norm_spike, loss_spike, nonfinite, raw_stats,
               sigma_z, sigma_spike) -> DetectSpikesState:
   at = state.step  # this step's index
@@ -212,6 +221,9 @@ def _assemble(state, g, size, *, n, finite, loss, norm_stats, loss_stats,
                            state.first_nonfinite_leaf)
   else:
     culprit, first_leaf = state.culprit, state.first_nonfinite_leaf
+
+  def count(old, flag, rule):
+    return old if off[rule] else _stats.inc(old, flag)
   return DetectSpikesState(
       step=_stats.inc(state.step), norm_stats=norm_stats, loss_stats=loss_stats,
       leaf_log_mean=state.leaf_log_mean.replace(g["mean"]),
@@ -219,17 +231,20 @@ def _assemble(state, g, size, *, n, finite, loss, norm_stats, loss_stats,
       norm_zscore=norm_z, loss_zscore=loss_z, norm_spike=norm_spike,
       loss_spike=loss_spike, nonfinite=nonfinite,
       norm_spike_count=_stats.inc(state.norm_spike_count, norm_spike),
-      loss_spike_count=_stats.inc(state.loss_spike_count, loss_spike),
+      loss_spike_count=count(state.loss_spike_count, loss_spike, "loss"),
       nonfinite_count=_stats.inc(state.nonfinite_count, nonfinite),
       culprit=culprit, culprit_step=jnp.where(event, at, state.culprit_step),
       first_nonfinite_step=jnp.where(first_now, at, state.first_nonfinite_step),
       first_nonfinite_leaf=first_leaf,
       nonfinite_since=state.nonfinite_since.replace(since),
       leaf_log_var=state.leaf_log_var.replace(g["var"]), raw_stats=raw_stats,
-      layer_zscore=g["layer_z"], layer_spike=g["layer_spike"],
-      layer_spike_count=_stats.inc(state.layer_spike_count, g["layer_spike"]),
-      sigma_zscore=sigma_z, sigma_spike=sigma_spike,
-      sigma_spike_count=_stats.inc(state.sigma_spike_count, sigma_spike))
+      layer_zscore=g["layer_z"],
+      layer_spike=state.layer_spike if off["layer"] else g["layer_spike"],
+      layer_spike_count=count(state.layer_spike_count, g["layer_spike"],
+                              "layer"),
+      sigma_zscore=sigma_z,
+      sigma_spike=state.sigma_spike if off["sigma"] else sigma_spike,
+      sigma_spike_count=count(state.sigma_spike_count, sigma_spike, "sigma"))
 
 
 def event_figures(state: Any) -> dict[str, jax.Array]:

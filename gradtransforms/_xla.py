@@ -132,6 +132,13 @@ def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
                                 default=lambda x, *deps: x)
 
 
+def zero_sum(x: jax.Array) -> jax.Array:
+  """``sum(x - x)`` in float32 or wider: 0 if every entry of ``x`` is
+  finite, else NaN (see :func:`all_finite`)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jnp.sum(x - x).astype(jnp.float32)
+
+
 def all_finite(tree: Any, axis_name: str | None = None) -> jax.Array:
   """True iff every entry of ``tree`` is finite: ``sum(x - x)`` in float32
   is 0 for finite entries and NaN for an Inf or NaN one (no overflow, unlike
@@ -141,17 +148,15 @@ def all_finite(tree: Any, axis_name: str | None = None) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.ones((), jnp.bool_)
-  def zero(x):
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.sum(x - x)
-  s = sum(zero(x) for x in leaves).astype(jnp.float32)
+  s = sum(zero_sum(x) for x in leaves)
   if axis_name is not None:
     s = lax.psum(s, axis_name)
   return jnp.isfinite(s)
 
 
 def guarded_step(pre_skip: jax.Array, run: Any, grads: Any, old_state: Any,
-                 params: Any, check_output: bool, axis_name: str | None = None
+                 params: Any, check_output: bool, axis_name: str | None = None,
+                 out_ok: jax.Array | None = None
                  ) -> tuple[Any, Any, jax.Array]:
   """``run(grads, old_state, params) -> (updates, new_state)`` unless the
   step is skipped; returns ``(updates, state, output_bad)``. The arrays go
@@ -169,17 +174,20 @@ def guarded_step(pre_skip: jax.Array, run: Any, grads: Any, old_state: Any,
       cpu=lambda k, g, s, p: guarded_cond(run, k, g, s, p, check_output,
                                           axis_name),
       default=lambda k, g, s, p: guarded_where(run, k, g, s, p, check_output,
-                                               axis_name))
+                                               axis_name, out_ok))
 
 
 def guarded_where(run, pre_skip, grads, old_state, params, check_output,
-                  axis_name=None):
-  """:func:`guarded_step` as selects (GPU/TPU: no branch, no host sync; the
-  finiteness reduction fuses into the optimizer's own pass)."""
+                  axis_name=None, out_ok=None):
+  """:func:`guarded_step` as selects (GPU/TPU: no branch, no host sync).
+  The output's finiteness is ``out_ok`` when the caller computed it
+  (:func:`sums_with_output_check`: a second computation of the output,
+  reduced, never written), else a reduction of the real update."""
   updates, new_state = run(grads, old_state, params)
   out_bad = jnp.zeros((), jnp.bool_)
   if check_output:
-    out_bad = ~all_finite(updates, axis_name)
+    ok = all_finite(updates, axis_name) if out_ok is None else out_ok
+    out_bad = ~pre_skip & ~ok
   updates, state = rollback_plain(pre_skip | out_bad, updates, old_state,
                                   new_state)
   return updates, state, out_bad

@@ -59,12 +59,15 @@ def _over(names, variants, platforms, metrics, reason):
           OVER[(n, v, p, m)] = reason
 
 
-_over(["guard", "detect_spikes"], ["per_leaf", "stacked"], PLATFORMS, ["kernels"],
+_over(["detect_spikes"], ["per_leaf", "stacked"], PLATFORMS, ["kernels"],
       _OTHERS)
-# guard's default check="updates" (issue 22) computes inner's output a
-# second time for its finiteness on GPU/TPU too: ~1.71x Adam's bytes
-_over(["guard"], ["per_leaf", "stacked"], PLATFORMS, ["bytes"],
-      "guard's output check reads inner's operands again (issue 21 open)")
+# guard: 3 kernels per leaf as apply_if_finite, but ~32 scalar kernels of
+# bookkeeping (the detector's figures; copies where XLA:GPU writes a donated
+# scalar in place that other kernels still read) against its 4
+_over(["guard"], ["per_leaf", "stacked"], ["h100"], ["kernels"],
+      "guard's scalar bookkeeping: ~32 kernels (issue 21 open)")
+_over(["guard"], ["stacked"], ["tpu-v5e"], ["kernels"],
+      "guard's per-layer sums are unfused reduces on TPU (issue 21 open)")
 # rewind: the snapshot's 0/1-trip loops copy the donated params every step
 _over(["rewind"], ["per_leaf"], PLATFORMS, ["kernels", "bytes"],
       "rewind copies the donated params each step (issue 25 open)")

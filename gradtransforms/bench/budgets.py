@@ -41,10 +41,13 @@ REFERENCE: dict[str, str] = {
 # Adam's pass (a figure only recorded; optax.clip; a moment reset); 1: one
 # read for a norm; adaptive_grad_clip 2: the gradients' and the params'
 # norms; spike_clip 2: its own second moment, read and written; clippy 3:
-# the norms of gradients and params, then the updates after Adam.
+# the norms of gradients and params, then the updates after Adam; guard 3:
+# its default check of inner's output computes that output once more before
+# the step is taken (never written), reading what Adam reads: the gradients
+# and both moments (``check="gradients"``: 1, as apply_if_finite).
 READS: dict[str, int] = {
     "clip_by_value": 0, "monitor": 0, "detect_spikes": 0, "with_moment_reset": 0,
-    "adaptive_grad_clip": 2, "spike_clip": 2, "clippy": 3,
+    "adaptive_grad_clip": 2, "spike_clip": 2, "clippy": 3, "guard": 3,
 }
 
 

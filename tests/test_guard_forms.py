@@ -1,0 +1,104 @@
+"""The guard's GPU/TPU forms, run here on the CPU: the fused output check
+(``_output_check.sums_with_output_check``) and the select form of the step give the
+same decisions, updates and inner state as the CPU form, bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+import gradtransforms as gt
+from gradtransforms import _layout, _output_check, _xla
+
+FORMS = {"rows": _output_check._sums_and_finite_rows,
+         "plain": _output_check._sums_and_finite_plain}
+
+
+def _tree(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  return {"w": jnp.asarray(rng.normal(size=(5, 7)), dtype),
+          "s": jnp.asarray(rng.normal(size=(3, 4, 2)), dtype),
+          "v": jnp.asarray(rng.normal(size=(6,)), dtype),
+          "e": jnp.zeros((0, 3), dtype), "c": jnp.asarray(2.0, dtype)}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("bad", [None, jnp.nan, jnp.inf, -jnp.inf])
+def test_fused_sums_and_output_check_match_numpy(form, dtype, bad):
+  g = _tree(dtype)
+  probe = jax.tree.map(lambda x: 3 * x, g)
+  if bad is not None:
+    probe["s"] = probe["s"].at[1, 2, 0].set(bad)
+  lay = _layout.layout(g, lambda name, x: 0 if name == "['s']" else None)
+  leaves = jax.tree.leaves(g)
+  parts, ok = jax.jit(lambda l, p: FORMS[form](l, lay.axes, p, None))(
+      leaves, jax.tree.leaves(probe))
+  for x, a, part in zip(leaves, lay.axes, parts):
+    x64 = np.asarray(x, np.float64)
+    want = ((x64 ** 2).reshape(x.shape[0], -1).sum(1) if a == 0
+            else (x64 ** 2).sum())
+    np.testing.assert_allclose(np.asarray(part), want, rtol=2e-6)
+    assert part.dtype == jnp.float32
+  assert bool(ok) == (bad is None)
+
+
+def test_fused_output_check_on_an_empty_tree():
+  parts, ok = _output_check._sums_and_finite_rows([], (), [], None)
+  assert parts == [] and bool(ok)
+
+
+def _cuda_forms(monkeypatch):
+  """Every ``platform_dependent`` of the guard takes its CUDA (else default)
+  branch, as when lowered for a GPU."""
+  def pick(*args, cpu=None, default=None, **platforms):
+    del cpu
+    return platforms.get("cuda", default)(*args)
+  fake = type("L", (), {
+      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("_")},
+      "platform_dependent": staticmethod(pick)})
+  for module in (_xla, _output_check):
+    monkeypatch.setattr(module, "lax", fake)
+
+
+CASES = {  # (params, gradient sequence, inner)
+    "float16_adam": ({"a": jnp.ones(3, jnp.float16)},
+                     [{"a": jnp.full(3, 1e-4, jnp.float16)}], lambda: optax.adam(1e-3)),
+    "eps0": ({"a": jnp.ones(3), "b": jnp.ones((2, 3))},
+             [{"a": jnp.zeros(3), "b": jnp.zeros((2, 3))},
+              {"a": jnp.full(3, 0.5), "b": jnp.full((2, 3), 0.1)}],
+             lambda: optax.adam(0.1, eps=0.0)),
+    "nan_grad": ({"a": jnp.ones(3), "b": jnp.ones((2, 3))},
+                 [{"a": jnp.full(3, 0.5), "b": jnp.full((2, 3), 0.1)},
+                  {"a": jnp.asarray([0.1, jnp.nan, 0.1]), "b": jnp.ones((2, 3))},
+                  {"a": jnp.full(3, 0.2), "b": jnp.full((2, 3), -0.1)}],
+                 lambda: optax.adam(0.1)),
+}
+
+
+def _train(tx, params, grads):
+  s, p, flags = tx.init(params), params, []
+  step = jax.jit(tx.update)
+  for g in grads:
+    u, s = step(g, s, p)
+    p = optax.apply_updates(p, u)
+    flags.append((bool(s.bad), bool(s.output_bad)))
+  return p, s, flags
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_form_of_the_default_guard_equals_the_cpu_form(case, monkeypatch):
+  params, grads, inner = CASES[case]
+  ref = _train(gt.guard(inner()), params, grads)
+  _cuda_forms(monkeypatch)
+  got = _train(gt.guard(inner()), params, grads)
+  for a, b in ((ref[0], got[0]), (ref[1].inner_state, got[1].inner_state)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert ref[2] == got[2]
+  want = {"float16_adam": [(True, True)], "eps0": [(True, True), (False, False)],
+          "nan_grad": [(False, False), (True, False), (False, False)]}[case]
+  assert got[2] == want
+  np.testing.assert_allclose(float(got[1].norm), float(ref[1].norm), rtol=1e-6)
