@@ -149,9 +149,12 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
       state.norm_stats, jnp.log(n), decay, z_thresh, warmup_steps)
   loss_given = loss is not None
   if loss is None:
-    loss = jnp.full((), jnp.nan, _F32)
-    loss_stats, loss_z = state.loss_stats, jnp.zeros((), _F32)
-    loss_spike, nonfinite = jnp.zeros((), jnp.bool_), ~finite
+    # computed from the step count (never negative), not constants: a
+    # constant output costs XLA:GPU a copy kernel into its donated buffer
+    never = state.step < 0
+    loss = jnp.where(never, 0.0, jnp.nan).astype(_F32)
+    loss_stats, loss_z = state.loss_stats, jnp.where(never, 1.0, 0.0).astype(_F32)
+    loss_spike, nonfinite = never, ~finite
   else:
     loss = scalar_loss(loss, what)
     loss_stats, loss_z, loss_spike = _stats.series_observe(

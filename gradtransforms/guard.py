@@ -272,14 +272,15 @@ def guard(inner: optax.GradientTransformation,
 
   def update_fn(updates, state, params=None, **extra):
     loss = _entry_checks(updates, params, extra, reset_inner_state, triggers)
+    state, restore = _xla.read_once(state)
     det, out_ok = _observe(inner, updates, state, params, extra, loss, kw,
                            fused=check_out and action == "skip")
-    updates, det = _xla.detach(updates, det)
+    updates, det = _xla.detach(updates, restore(det))
     new_updates, inner_state, bad, out_bad = _run(
         inner, det, state, updates, params, extra, triggers=triggers,
         action=action, check_out=check_out, axis_name=axis_name, out_ok=out_ok)
-    return new_updates, _bookkeep(
+    return new_updates, restore(_bookkeep(
         state, bad, out_bad, det, inner_state, params, inner=inner,
-        max_errors=max_consecutive_errors, reset=reset_inner_state, on_event=on_event)
+        max_errors=max_consecutive_errors, reset=reset_inner_state, on_event=on_event))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

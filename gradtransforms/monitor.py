@@ -109,6 +109,7 @@ def monitor(per_leaf: bool = False, decay: float = 0.98, *,
 
   def update_fn(updates, state, params=None):
     _checks.float_leaves("updates", updates)
+    state, restore = _xla.read_once(state)
     if update_ratio:
       _checks.needs_params("monitor(update_ratio=True)", params)
     leaves = jax.tree.leaves(updates)
@@ -131,6 +132,6 @@ def monitor(per_leaf: bool = False, decay: float = 0.98, *,
         nonfinite_count=_stats.inc(state.nonfinite_count, bad > 0),
         leaf_sumsq=state.leaf_sumsq.replace(sq) if keep else state.leaf_sumsq,
         param_sumsq=p_sq)
-    return _xla.detach(updates, new)
+    return _xla.detach(updates, restore(new))
 
   return optax.GradientTransformation(init_fn, update_fn)

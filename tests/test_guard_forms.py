@@ -102,3 +102,34 @@ def test_gpu_form_of_the_default_guard_equals_the_cpu_form(case, monkeypatch):
           "nan_grad": [(False, False), (True, False), (False, False)]}[case]
   assert got[2] == want
   np.testing.assert_allclose(float(got[1].norm), float(ref[1].norm), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["monitor", "detect_spikes", "guard_spike"])
+def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
+  """``_xla.read_once`` (GPU: the old scalars read as one stacked vector)
+  changes no figure: states after good, NaN and spiking steps are equal to
+  the CPU form's bit for bit."""
+  make = {"monitor": lambda: optax.chain(gt.monitor(per_leaf=True), optax.sgd(0.1)),
+          "detect_spikes": lambda: optax.chain(gt.detect_spikes(warmup_steps=2),
+                                               optax.sgd(0.1)),
+          "guard_spike": lambda: gt.guard(  # the fused output check has its own test
+              optax.adam(0.1), on="spike", check="gradients", warmup_steps=2,
+              max_consecutive_errors=2)}[name]
+  p = {"a": jnp.ones(3), "b": jnp.ones((2, 3))}
+  seq = [jax.tree.map(lambda x, k=k: x * (0.1 + 0.05 * k), p) for k in range(4)]
+  seq.insert(2, {"a": jnp.asarray([0.1, jnp.nan, 0.1]), "b": jnp.ones((2, 3))})
+  seq.append(jax.tree.map(lambda x: x * 1e4, p))
+
+  def states():
+    tx, out = make(), []
+    s = tx.init(p)
+    step = jax.jit(tx.update)
+    for g in seq:
+      _, s = step(g, s, p)
+      out.append(s)
+    return out
+  ref = states()
+  _cuda_forms(monkeypatch)
+  for a, b in zip(ref, states(), strict=True):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
