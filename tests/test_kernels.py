@@ -74,7 +74,7 @@ del OVER[("clippy", "stacked", "h100", "kernels")]
 _over(["spike_clip"], ["per_leaf"], PLATFORMS, ["bytes"],
       _OTHERS)
 _over(["clip_by_leaf_norm"], ["stacked"], ["tpu-v5e"], ["kernels"], _MINE)
-_over(["clip_by_block_rms"], ["stacked"], PLATFORMS, ["kernels"], _MINE)
+_over(["clip_by_block_rms"], ["stacked"], ["tpu-v5e"], ["kernels"], _MINE)
 _over(["monitor"], ["per_leaf"], ["h100"], ["kernels"], _MINE)
 _over(["monitor"], ["stacked"], PLATFORMS, ["kernels"], _MINE)
 
