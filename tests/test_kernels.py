@@ -68,7 +68,7 @@ _over(["guard"], ["per_leaf", "stacked"], PLATFORMS, ["bytes"],
 # rewind: the snapshot's 0/1-trip loops copy the donated params every step
 _over(["rewind"], ["per_leaf"], PLATFORMS, ["kernels", "bytes"],
       "rewind copies the donated params each step (issue 25 open)")
-_over(["adagc", "clippy"], ["stacked"], ["tpu-v5e"], ["kernels"], _OTHERS)
+_over(["adagc"], ["stacked"], ["tpu-v5e"], ["kernels"], _OTHERS)
 _over(["spike_clip"], ["per_leaf"], PLATFORMS, ["bytes"],
       _OTHERS)
 _over(["clip_by_leaf_norm"], ["stacked"], ["tpu-v5e"], ["kernels"], _MINE)
