@@ -69,8 +69,6 @@ _over(["guard"], ["per_leaf", "stacked"], PLATFORMS, ["bytes"],
 _over(["rewind"], ["per_leaf"], PLATFORMS, ["kernels", "bytes"],
       "rewind copies the donated params each step (issue 25 open)")
 _over(["adagc"], ["stacked"], ["tpu-v5e"], ["kernels"], _OTHERS)
-_over(["spike_clip"], ["per_leaf"], PLATFORMS, ["bytes"],
-      _OTHERS)
 _over(["clip_by_leaf_norm"], ["stacked"], ["tpu-v5e"], ["kernels"], _MINE)
 _over(["clip_by_block_rms"], ["stacked"], ["tpu-v5e"], ["kernels"], _MINE)
 _over(["monitor"], ["per_leaf"], ["h100"], ["kernels"], _MINE)
