@@ -62,7 +62,8 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   axis), ``psum``-ed over ``axis_name`` in one collective. Each transform
   uses leaf ``i``'s own figure for its scale, inline, and stacks them only
   for its state (:func:`_layout.stack`): on GPU, slicing a stacked vector
-  back per leaf costs a kernel per leaf."""
+  back per leaf costs a kernel per leaf (a scalar; per layer slices see
+  :func:`segment_scales`)."""
   parts = _psum([sumsq(x, a) for x, a in zip(leaves, lay.axes)], axis_name)
   if any(a is not None for a in lay.axes):
     # On every platform: XLA otherwise merges a sum over per-layer sums
