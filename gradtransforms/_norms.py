@@ -62,7 +62,8 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   axis), ``psum``-ed over ``axis_name`` in one collective. Each transform
   uses leaf ``i``'s own figure for its scale, inline, and stacks them only
   for its state (:func:`_layout.stack`): on GPU, slicing a stacked vector
-  back per leaf costs a kernel per leaf."""
+  back per leaf costs a kernel per leaf (a scalar; per layer slices see
+  :func:`segment_scales`)."""
   parts = _psum([sumsq(x, a) for x, a in zip(leaves, lay.axes)], axis_name)
   if any(a is not None for a in lay.axes):
     # On every platform: XLA otherwise merges a sum over per-layer sums
@@ -126,3 +127,41 @@ def scale_parts(leaves: Sequence[jax.Array], lay: _layout.Layout,
   """Leaf ``i`` times its own scale (a scalar, or one per layer slice)."""
   return [scale(x, _layout.broadcast(s, x, a))
           for x, s, a in zip(leaves, scales, lay.axes)]
+
+
+
+def segment_scales(fn: Any, parts: Sequence[jax.Array], stacked: jax.Array,
+                   lay: _layout.Layout) -> list[jax.Array]:
+  """Each leaf's scale(s), ``fn`` (elementwise) of its own figure
+  ``parts[i]`` (a scalar, or ``(L,)`` per layer slice; ``stacked`` is
+  ``_layout.stack(parts)``), for :func:`scale_parts`. The same numbers on
+  every platform; the form depends on it.
+
+  A leaf without a layer axis: ``fn(parts[i])`` inline (a scalar: on TPU
+  it runs on the scalar unit, on GPU it fuses into the leaf's loop). A
+  stacked leaf on GPU/TPU: :func:`scales_sliced`. On CPU
+  :func:`scales_inline` for every leaf: a static slice bakes its index
+  into each leaf's loops, making them distinct computations (6x4 stacked
+  at 24 leaves: 0.4 s of compilation -> 2.2 s)."""
+  if all(a is None for a in lay.axes):
+    return [fn(p) for p in parts]
+  return lax.platform_dependent(
+      parts, stacked, cpu=lambda p, s: scales_inline(fn, p, s, lay),
+      default=lambda p, s: scales_sliced(fn, p, s, lay))
+
+
+def scales_inline(fn: Any, parts: Sequence[jax.Array], stacked: jax.Array,
+                  lay: _layout.Layout) -> list[jax.Array]:
+  del stacked, lay
+  return [fn(p) for p in parts]
+
+
+def scales_sliced(fn: Any, parts: Sequence[jax.Array], stacked: jax.Array,
+                  lay: _layout.Layout) -> list[jax.Array]:
+  """A stacked leaf's scales as its slice of ``fn(stacked)``: one kernel
+  for every layer of every leaf, where inline each leaf's ``(L,)`` vector
+  costs a kernel of its own (XLA does not fuse a scale's sqrt/divide into
+  the leaf's loop, where they would run per element): H100 22 -> 17, TPU
+  19 -> 15 kernels for clip_by_leaf_norm at 6x4 stacked."""
+  return [fn(p) if a is None else s for p, s, a in
+          zip(parts, _layout.split(fn(stacked), lay), lay.axes)]

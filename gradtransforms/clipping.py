@@ -117,7 +117,8 @@ def _clip_per_leaf(updates, stored: PerLeaf, bound, layer_axes, axis_name,
     stacked = stacked / _layout.stack([jnp.full((n,), sizes[i], jnp.float32)
                                        for i, n in enumerate(lay.counts)])
     parts = [p / sizes[i] for i, p in enumerate(parts)]
-  scales = [_norms.clip_scale(jnp.sqrt(p), bound) for p in parts]
+  scales = _norms.segment_scales(
+      lambda m: _norms.clip_scale(jnp.sqrt(m), bound), parts, stacked, lay)
   out = _norms.scale_parts(leaves, lay, scales)
   return jax.tree.unflatten(treedef, out), stored.replace(stacked)
 

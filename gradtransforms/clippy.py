@@ -79,21 +79,31 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
     lay = _layout.layout(params, layer_axes)
     return _xla.fresh(ClippyState(_layout.zeros(lay, fill=1.0)))
 
-  def ratio(u, w, axis):
-    """max |u| / (rel |w| + abs), with at most one scalar inside the
-    reduction where the factors are concrete: XLA:CPU materialises every
-    scalar broadcast a reduction contains as a leaf-sized buffer."""
+  # each leaf's max, divided by this (None: already the ratio) afterwards
+  divisor = (None if traced else absolute_factor if offset is None
+             else relative_factor)
+
+  def peak(u, w, axis):
+    """max |u| / (rel |w| + abs) but for the division by ``divisor`` (done
+    on the stacked peaks, :func:`scale`); with at most one scalar
+    inside the reduction where the factors are concrete: XLA:CPU
+    materialises every scalar broadcast a reduction contains as a
+    leaf-sized buffer. A plain max reduction from 0 (``jnp.max``'s
+    ``initial`` adds a maximum after it, a kernel per leaf on TPU)."""
     acc = _norms.acc_dtype(u)
     au = jnp.abs(u.astype(acc))
-    red = dict(axis=_layout.reduce_axes(u, axis), initial=0.0)
     if traced:  # injected hyperparameters: the direct form
       rel = jnp.asarray(relative_factor, acc)
-      r = jnp.max(au / (rel * jnp.abs(w.astype(acc)) + absolute_factor), **red)
-    elif offset is None:
-      r = jnp.max(au, **red) / absolute_factor
-    else:
-      r = jnp.max(au / (jnp.abs(w.astype(acc)) + offset), **red) / relative_factor
-    return r.astype(jnp.float32)
+      au = au / (rel * jnp.abs(w.astype(acc)) + absolute_factor)
+    elif offset is not None:
+      au = au / (jnp.abs(w.astype(acc)) + offset)
+    axes = _layout.reduce_axes(u, axis)
+    return jax.lax.reduce(au, jnp.zeros((), acc), jax.lax.max,
+                          tuple(range(u.ndim)) if axes is None else axes)
+
+  def scale(m):
+    r = (m if divisor is None else m / divisor).astype(jnp.float32)
+    return jnp.where(jnp.isfinite(r) & (r > 1), 1.0 / r, 1.0)
 
   def update_fn(updates, state, params=None):
     _checks.needs_params("clippy", params)
@@ -102,10 +112,13 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
     lay = _layout.layout(updates, layer_axes)
     _layout.check_names(lay, state.scale, "clippy")
     w_leaves = treedef.flatten_up_to(params)
-    ratios = [ratio(u, w, a) for u, w, a in zip(leaves, w_leaves, lay.axes)]
+    peaks = [peak(u, w, a) for u, w, a in zip(leaves, w_leaves, lay.axes)]
     if axis_name is not None:
-      ratios = jax.lax.pmax(ratios, axis_name)
-    scales = [jnp.where(jnp.isfinite(r) & (r > 1), 1.0 / r, 1.0) for r in ratios]
+      peaks = jax.lax.pmax(peaks, axis_name)
+    if all(m.dtype == jnp.float32 for m in peaks):
+      scales = _norms.segment_scales(scale, peaks, _layout.stack(peaks), lay)
+    else:  # float64: each leaf's ratio in its own precision
+      scales = [scale(m) for m in peaks]
     out = _norms.scale_parts(leaves, lay, scales)
     return jax.tree.unflatten(treedef, out), ClippyState(
         state.scale.replace(_layout.stack(scales)))

@@ -242,6 +242,34 @@ def test_spike_clip_matches_reference(theta, b2, steps):
   assert abs(outs[6][gt.leaf_names(seq[0]).index("conv/0")].flat[0]) < 1e3
 
 
+def test_spike_clip_tpu_form_is_bit_identical(monkeypatch):
+  """On TPU the state stores max(bound, 0) (spike_clip._state_copy): the
+  same bits as the CPU form, zeros, spikes, Inf and NaN included."""
+  seq = [random_tree(300 + t) for t in range(4)]
+  seq[2] = dict(seq[2], scalar=jnp.asarray(jnp.inf))
+  seq[3]["dense"]["w"] = seq[3]["dense"]["w"].at[0, 0].set(jnp.nan) * 50
+
+  def run():
+    tx = gt.spike_clip(threshold=2.0)  # a fresh function: traced anew
+    state, step, got = tx.init(seq[0]), jax.jit(tx.update), []
+    for tree in [jax.tree.map(jnp.zeros_like, seq[0])] + seq:
+      u, state = step(tree, state)
+      got += jax.tree.leaves((u, state))
+    return got
+  want = run()
+  calls = []
+
+  def tpu_form(*args, tpu=None, default=None, **kw):
+    calls.append(tpu)
+    return (tpu or default)(*args)
+  monkeypatch.setattr(jax.lax, "platform_dependent", tpu_form)
+  got = run()
+  assert any(c is not None for c in calls)
+  for x, y in zip(want, got):
+    np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
+                                  np.asarray(y).reshape(-1).view(np.uint8))
+
+
 def test_spike_clip_nonfinite_never_enters_state():
   t = random_tree(1)
   tx = gt.spike_clip(threshold=10.0)

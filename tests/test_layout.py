@@ -293,6 +293,28 @@ def test_rollback_forms_are_bit_identical():
                                     np.asarray(z).reshape(-1).view(np.uint8))
 
 
+@pytest.mark.parametrize("make", [gt.clip_by_leaf_norm, gt.clip_by_block_rms,
+                                  lambda b, **kw: gt.clippy(b * 0.1, **kw)])
+def test_segment_scale_forms_are_bit_identical(make, monkeypatch):
+  """GPU/TPU slice each stacked leaf's scales from one vector, CPU computes
+  them inline (_norms.segment_scales): the same bits, run here on CPU."""
+  g, w = stacked(3, spike_layer=2), stacked(4)
+  tx = make(0.7, layer_axes=AXES)
+  want = jax.jit(tx.update)(g, tx.init(w), w)
+  calls = []
+
+  def default_form(*args, cpu, default):
+    calls.append(cpu)
+    return default(*args)
+  monkeypatch.setattr(jax.lax, "platform_dependent", default_form)
+  tx = make(0.7, layer_axes=AXES)  # a fresh function: traced anew
+  got = jax.jit(tx.update)(g, tx.init(w), w)
+  assert calls
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
+                                  np.asarray(y).reshape(-1).view(np.uint8))
+
+
 @pytest.mark.parametrize("make", [gt.clip_by_value, gt.clip_by_global_norm,
                                   gt.clip_by_leaf_norm, gt.clip_by_block_rms,
                                   lambda b: gt.adagc(max_norm=b, warmup_steps=2)])
