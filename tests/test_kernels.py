@@ -20,7 +20,9 @@ For every catalogue entry + Adam, per leaf and (where it takes
   reads of the gradients (0 for a figure only recorded or ``optax.clip``,
   which fuse into Adam's pass; 1 for a norm; 2 for adaptive_grad_clip's
   params and gradients norms and for spike_clip's own second moment; 3 for
-  clippy), see ``gradtransforms/bench/budgets.py``.
+  clippy), see ``gradtransforms/bench/budgets.py``. A ``while`` loop is
+  one kernel and no bytes (its carry is updated in place; its body runs on
+  rare steps and is reported apart, ``Structure.loop_bytes``).
 
 Leaves are 255 x 254 float32 (shapes only: nothing is allocated), large
 enough that XLA:GPU splits reductions as it does at 50M parameters and not
@@ -188,6 +190,34 @@ ENTRY %main (a: f32[8], s: f32[]) -> (f32[8], f32[]) {
   assert gpu.bytes == 64 + (68 + 32) + (32 + 68) + 64 + 12
   tpu = compiled.structure(hlo, tpu=True)
   assert (tpu.kernels, tpu.dma, tpu.scalar_ops) == (2, 1, 1)
+
+
+def test_structure_counts_a_loop_once_and_its_body_apart():
+  """A while is one kernel whose carry (updated in place) is no bytes; its
+  body's kernels are reported apart, for one trip."""
+  hlo = """HloModule m
+%body (c: (pred[], f32[8])) -> (pred[], f32[8]) {
+  %c = (pred[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%c), index=1
+  %n = f32[8]{0} negate(%x)
+  %f = pred[] constant(false)
+  ROOT %r = (pred[], f32[8]{0}) tuple(%f, %n)
+}
+%cond (c: (pred[], f32[8])) -> pred[] {
+  %c = (pred[], f32[8]{0}) parameter(0)
+  ROOT %p = pred[] get-tuple-element(%c), index=0
+}
+ENTRY %main (a: f32[8], p: pred[]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %p = pred[] parameter(1)
+  %t = (pred[], f32[8]{0}) tuple(%p, %a)
+  %w = (pred[], f32[8]{0}) while(%t), condition=%cond, body=%body
+  ROOT %y = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+  s = compiled.structure(hlo)
+  assert (s.kernels, s.bytes, s.by_op) == (1, 0, {"while": 1})
+  assert (s.loop_kernels, s.loop_bytes) == (1, 64)
 
 
 def test_unknown_platform_is_a_value_error():
