@@ -4,9 +4,11 @@ its reference, and its DRAM-bytes floor (issue 21).
 Reference (what a method may cost in kernels, +5%): its optax equivalent;
 else, for a clip, ``optax.clip_by_global_norm`` + Adam (Adam plus one read
 of the gradients); else, for a figure that is only recorded, Adam + a
-recorded global norm (XLA fuses the norm into Adam's own pass). Bytes floor
-(+1%): Adam's bytes plus ``READS[name]`` reads of the gradients, the passes
-over gradient-sized arrays the method needs beyond Adam's.
+recorded global norm (XLA fuses the norm into Adam's own pass); rewind, in
+its catalogue configuration around a guard: the guard's (``REFERENCE_OF``).
+Bytes floor (+1%): Adam's bytes plus ``READS[name]`` reads of the
+gradients, the passes over gradient-sized arrays the method needs beyond
+Adam's.
 
 Workloads: ``leaves`` 2-D leaves (per leaf), or ``leaves`` stacked leaves of
 shape ``(layers, r, c)`` built with ``layer_axes=0`` where a method takes
@@ -37,14 +39,19 @@ REFERENCE: dict[str, str] = {
     "monitor": "record", "detect_spikes": "record",
     "with_moment_reset": "adam", "clippy": "clip2",
 }
+# Measured against another method's reference: rewind (around a guard,
+# catalogue configuration) against the guard's, optax.apply_if_finite.
+REFERENCE_OF: dict[str, str] = {"rewind": "guard"}
 # Gradient-sized passes beyond Adam's that set the bytes floor. 0: fused into
 # Adam's pass (a figure only recorded; optax.clip; a moment reset); 1: one
 # read for a norm; adaptive_grad_clip 2: the gradients' and the params'
 # norms; spike_clip 2: its own second moment, read and written; clippy 3:
-# the norms of gradients and params, then the updates after Adam.
+# the norms of gradients and params, then the updates after Adam; rewind 2:
+# its guard's read, and the snapshot's, where the update is restored by a
+# select (``where(r, s - p, u)``) fused into apply_updates.
 READS: dict[str, int] = {
     "clip_by_value": 0, "monitor": 0, "detect_spikes": 0, "with_moment_reset": 0,
-    "adaptive_grad_clip": 2, "spike_clip": 2, "clippy": 3,
+    "adaptive_grad_clip": 2, "spike_clip": 2, "clippy": 3, "rewind": 2,
 }
 
 
@@ -126,6 +133,7 @@ def _per_example_reference() -> optax.GradientTransformation:
 
 def reference_kind(name: str) -> str:
   """``"optax"``, ``"clip"``, ``"clip2"``, ``"record"`` or ``"adam"``."""
+  name = REFERENCE_OF.get(name, name)
   entry = CATALOGUE[name]
   if name in REFERENCE:
     return REFERENCE[name]
@@ -150,6 +158,7 @@ def reference_tx(kind: str, name: str | None = None) -> Any:
 
 
 def reference_label(name: str) -> str:
+  name = REFERENCE_OF.get(name, name)
   kind = reference_kind(name)
   if kind == "optax":
     return ("optax.per_example_global_norm_clip" if CATALOGUE[name].batch_axis
@@ -162,7 +171,8 @@ def reference_label(name: str) -> str:
 def reference_step(name: str, w: Workload) -> Step:
   """The kernel reference of method ``name`` on ``w``."""
   kind = reference_kind(name)
-  return _step(reference_tx(kind, name), w, CATALOGUE[name].batch_axis)
+  return _step(reference_tx(kind, REFERENCE_OF.get(name, name)), w,
+               CATALOGUE[name].batch_axis)
 
 
 def adam_step(w: Workload) -> Step:
