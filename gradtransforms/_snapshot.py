@@ -16,6 +16,8 @@ read (but for the update's select below) nor written nor copied:
   it reads inside the loop comes out of it, and it updates that in place
   (read in a loop and updated outside, XLA copies them first; two loops a
   step, before and after the inner optimizer, were two host syncs on GPU).
+  The loop's body is selects, no loop nested in it (XLA:TPU copied 3-D
+  carries of nested loops to another layout and back every step).
 * Its scalars (counters, statistics, the flags figures report) are kept
   packed, one vector per dtype, and restored at once by selects, which
   XLA:GPU fuses into one kernel (a select or a loop carry per scalar was a
@@ -164,21 +166,22 @@ def prepare(check: jax.Array, pending: jax.Array, redo: jax.Array,
       bad = [lax.psum(b, axis_name) for b in bad]
     return bad[0] == 0, (bad[1] == 0) | ~pending
 
-  def write(big):  # the pending snapshot
-    return ([to_snapshot(x, y) for x, y in zip(params, snap)],
-            [to_snapshot(x, y) for x, y in zip(big, snap_inner)] +
-            list(pack(inner, lay)[n_big:]))
+  def write(big):  # the pending snapshot (on the device)
+    return list(params), list(big) + list(pack(inner, lay)[n_big:])
 
   def body(carry):
     _, _, s, si, big = carry
-    fine_p, fine_i = flags(jnp.where(check, _all_finite(params), True),
-                           maybe(pending, lambda _: _all_finite(
-                               [*big, *small]), true))
-    s, si = maybe(pending & fine_p & fine_i, lambda _: write(big), (s, si))
-    # (the carry, never its closed-over origin: an array that entered the
-    # loop twice would be copied)
-    big = maybe(redo, lambda b: [to_device(y).astype(x.dtype)
-                                 for x, y in zip(b, si)], big)
+    # redo and pending never hold together: the check reads the restored
+    # arrays, so it depends on the loop's work (XLA:TPU hoisted a check of
+    # the loop's inputs out of it, onto every step); the snapshot is read
+    # from the carry, never its closed-over origin (an array that entered
+    # the loop twice was copied)
+    big = _select(redo, [to_device(y).astype(x.dtype)
+                         for x, y in zip(big, si)], big)
+    fine_p, fine_i = flags(
+        jnp.where(check, _all_finite(params), True),
+        jnp.where(pending, _all_finite([*big, *small]), True))
+    s, si = _select(pending & fine_p & fine_i, write(big), (s, si))
     return fine_p, fine_i, s, si, big
 
   fine_p, fine_i, s, si, big = maybe(check | redo, body, (
@@ -188,6 +191,18 @@ def prepare(check: jax.Array, pending: jax.Array, redo: jax.Array,
     out[i] = x
   return dict(fine_p=fine_p, fine_i=fine_i, commit=pending & fine_p & fine_i,
               snapshot=s, snapshot_inner=tuple(si), inner=out)
+
+
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` if ``pred`` else ``old``, leafwise (cast to ``old`` 's dtype
+  and memory), inside the rare loop: a select, on the device (an ``old``
+  in host memory comes over and goes back). No loop nested in the loop:
+  XLA:TPU then copied 3-D carries to another layout and back every step,
+  and failed to compile them in host memory."""
+  new_l, tdef = jax.tree.flatten(new)
+  return jax.tree.unflatten(tdef, [
+      to_snapshot(jnp.where(pred, to_device(x).astype(y.dtype), to_device(y)),
+                  y) for x, y in zip(new_l, jax.tree.leaves(old))])
 
 
 def restore_small(pred: jax.Array, snap_inner: Sequence[Any], live: Any

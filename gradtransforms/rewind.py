@@ -1,31 +1,31 @@
 """``rewind``: take a run back to its last good snapshot when it goes wrong.
 
-Memory: one copy of the params and of ``inner``'s state, on the params'
-devices (``offload=True``: its arrays of 4,096 elements or more in host
-memory, ``pinned_host``, on GPU/TPU).
-
-Cost (compiles deviceless for an H100 and a TPU v5e on a 2-core CPU; Adam,
-float32 leaves of 255 x 254; ``tests/test_rewind.py``): a step that neither
-writes nor restores the snapshot costs what ``gt.guard(inner)`` costs plus
-one read of the snapshot's params (``where(r, s - p, u)``, fused into the
-caller's ``apply_updates``); the rare work is one ``while_loop`` of 0 or 1
-trips, one kernel (on GPU a host sync) that copies nothing (how:
-:mod:`gradtransforms._snapshot`). H100, ``rewind(guard(adam))`` against
-``guard(adam)``: 69 / 79 kernels at 8 leaves, 108 / 119 at 16, 532 / 541 at
-100; DRAM bytes 1.86x Adam's against 1.72x (+0.14: the snapshot read). TPU
-v5e: 34 / 30, 58 / 54, 310 / 306 kernels; 1.86x against 1.71x. A trip of
-the loop (a window's end, a snapshot written or restored) moves about 1.9x
-Adam's bytes more. XLA:CPU: 1.0x the params in temporaries, as the guard.
-Before (a loop around the update, one per piece of rare work): 122 / 170 /
+Memory: a copy of the params and of ``inner``'s state, on the params'
+devices (``offload``: below). Cost (compiles deviceless for an H100 and a
+TPU v5e on a 2-core CPU; Adam, float32 leaves of 255 x 254;
+``tests/test_rewind.py``): a step that neither writes nor restores the
+snapshot costs what ``gt.guard(inner)`` costs plus one read of the
+snapshot's params (``where(r, s - p, u)``, fused into the caller's
+``apply_updates``); the rare work is one ``while_loop`` of 0 or 1 trips,
+one kernel (on GPU a host sync) that copies nothing (how:
+``_snapshot.py``). H100, ``rewind(guard(adam))`` against ``guard(adam)``:
+69 / 79 kernels at 8 leaves, 108 / 119 at 16, 532 / 541 at 100; DRAM bytes
+1.86x Adam's against 1.72x (+0.14: the snapshot read). TPU v5e: 34 / 30, 58
+/ 54, 310 / 306 kernels; 1.86x against 1.71x. Leaves of 24 layers (6): 60 /
+67 (H100), 28 / 24 (TPU). A trip of the loop (a window's end, a snapshot
+written or restored) moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params
+in temporaries, as the guard. Before (3 loops, one around u): 122 / 170 /
 676 kernels (H100), 41 / 73 / 409 (TPU), 2.0x and 2.1x Adam's bytes (6.3x
 and 6.4x as a loop's carry was counted then), 2.7x in temporaries on CPU.
 
-``offload=True``: the snapshot moves between device and host inside the
-loop only, on the steps that write or restore it; the update is restored
-in a second loop (a fused kernel cannot read host memory): it is
-materialised, and on GPU a second host sync a step (8 leaves: 78 kernels
-and 2.0x Adam's bytes on the H100, 43 and 2.0x on the TPU). On a CPU (the
-arrays on it, or traced with it the default backend) it is a no-op.
+``offload=True``: the snapshot's arrays of 4,096 elements or more live in
+host memory (``pinned_host``) on GPU/TPU and move inside the loop only, on
+the steps that write or restore it; the update is restored in a second loop
+(a fused kernel cannot read host memory): it is materialised, and on GPU a
+second host sync a step (8 leaves: 78 kernels and 2.0x Adam's bytes on the
+H100, 43 and 2.0x on the TPU; 24-layer leaves on the TPU: 53 and 2.9x,
+relayout copies). On a CPU (the arrays on it, or traced with it the default
+backend) it is a no-op.
 """
 
 from __future__ import annotations

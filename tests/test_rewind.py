@@ -184,20 +184,24 @@ def test_plain_steps_copy_nothing_parameter_sized_cpu():
   assert " conditional(" not in entry and entry.count(" while(") == 1
 
 
+@pytest.mark.parametrize("layers", [0, 4])
 @pytest.mark.parametrize("platform", ["h100", "tpu-v5e"])
-def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform):
-  """Deviceless compile, ``rewind(guard(adam))`` against ``guard(adam)``
-  (catalogue configurations): at most one kernel more (the loop) and one
-  per dtype of the packed scalars (the TPU unpacks each in a kernel), and
-  one read of the params more (the update's select on the snapshot). The
-  snapshot's inner arrays are read by no kernel outside the loop, each
-  params' snapshot by one (the update's)."""
+def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform, layers):
+  """Deviceless compile, ``rewind(guard(adam), every=100)`` against
+  ``guard(adam)``, 4 leaves of 255 x 254 (or of 4 such layers: XLA:TPU
+  once copied 3-D loop carries to another layout and back every step): at
+  most one kernel more (the loop) and one per dtype of the packed scalars
+  (the TPU unpacks each in a kernel), and one read of the params more (the
+  update's select on the snapshot). The snapshot's inner arrays are read
+  by no kernel outside the loop, each params' snapshot by one (the
+  update's)."""
   from gradtransforms.bench import budgets, compiled
   if compiled.unavailable(platform):
     pytest.skip(compiled.unavailable(platform))
-  w = budgets.Workload(4, 4 * 255 * 254)
-  got = budgets.method_step("rewind", w).compile(platform, keep_hlo=True)
-  guard = budgets.method_step("guard", w).compile(platform)
+  w = budgets.Workload(4, 4 * max(layers, 1) * 255 * 254, layers=layers)
+  guard = budgets._step(gt.guard(budgets.adam()), w).compile(platform)
+  got = budgets._step(gt.rewind(gt.guard(budgets.adam()), every=100), w
+                      ).compile(platform, keep_hlo=True)
   assert got.by_op.get("while") == 1
   assert got.kernels <= guard.kernels + 1 + 3, (got.by_op, guard.by_op)
   assert got.bytes <= 1.01 * (guard.bytes + budgets.grad_bytes(w))
@@ -219,7 +223,8 @@ def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform):
         users[origin.get(o, o)] = users.get(origin.get(o, o), 0) + 1
   snap = [n for n in users if n.startswith("state_snapshot__")]
   big = [ln.split(" = ")[0].strip().lstrip("%") for ln in comps[entry]
-         if re.search(r"%state_snapshot_inner_\d+_\S* = f32\[255,254\]", ln)]
+         if re.search(r"%state_snapshot_inner_\d+_\S* = f32\[(\d+,)?255,254\]",
+                      ln)]
   assert len(snap) == 4 and all(users[n] == 1 for n in snap), users
   assert len(big) == 8 and not any(users.get(n) for n in big), big
 
