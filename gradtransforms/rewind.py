@@ -1,21 +1,31 @@
 """``rewind``: take a run back to its last good snapshot when it goes wrong.
 
-Memory: one copy of the params and of ``inner``'s state, on the params'
-devices. Host offload (``pinned_host``) is not done: in a deviceless H100
-compile a host-memory snapshot entering a ``cond``/``while`` is copied to
-the device every step, which would cost more than it saves.
+Memory: a copy of the params and of ``inner``'s state, on the params'
+devices (``offload``: below). Cost (compiles deviceless for an H100 and a
+TPU v5e on a 2-core CPU; Adam, float32 leaves of 255 x 254;
+``tests/test_rewind.py``): a step that neither writes nor restores the
+snapshot costs what ``gt.guard(inner)`` costs plus one read of the
+snapshot's params (``where(r, s - p, u)``, fused into the caller's
+``apply_updates``); the rare work is one ``while_loop`` of 0 or 1 trips,
+one kernel (on GPU a host sync) that copies nothing (how:
+``_snapshot.py``). H100, ``rewind(guard(adam))`` against ``guard(adam)``:
+69 / 79 kernels at 8 leaves, 108 / 119 at 16, 532 / 541 at 100; DRAM bytes
+1.86x Adam's against 1.72x (+0.14: the snapshot read). TPU v5e: 34 / 30, 58
+/ 54, 310 / 306 kernels; 1.86x against 1.71x. Leaves of 24 layers (6): 60 /
+67 (H100), 28 / 24 (TPU). A trip of the loop (a window's end, a snapshot
+written or restored) moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params
+in temporaries, as the guard. Before (3 loops, one around u): 122 / 170 /
+676 kernels (H100), 41 / 73 / 409 (TPU), 2.0x and 2.1x Adam's bytes (6.3x
+and 6.4x as a loop's carry was counted then), 2.7x in temporaries on CPU.
 
-Cost: the snapshot and inner state are read only on the steps that
-refresh or rewind (``while_loop`` of 0 or 1 trips, updated in place; a
-``lax.cond`` made XLA:CPU copy every buffer it passes through, and XLA:GPU
-turns a cheap ``cond`` into selects, which read both sides). A refresh
-writes the copy once per ``every`` steps, and a window's end reads the
-params once to check them. Not free: XLA (CPU and GPU alike) copies a
-donated buffer that enters a loop, so with donated params every step
-copies the params once (one read and one write of the params), and the
-update is materialised (a loop carry): 2.7x the params in temporaries on
-XLA:CPU with Adam, against 1.0x for ``gt.guard``
-(``tests/test_api.py``); H100 (deviceless): 124 kernels, guard's 80.
+``offload=True``: the snapshot's arrays of 4,096 elements or more live in
+host memory (``pinned_host``) on GPU/TPU and move inside the loop only, on
+the steps that write or restore it; the update is restored in a second loop
+(a fused kernel cannot read host memory): it is materialised, and on GPU a
+second host sync a step (8 leaves: 78 kernels and 2.0x Adam's bytes on the
+H100, 43 and 2.0x on the TPU; 24-layer leaves on the TPU: 53 and 2.9x,
+relayout copies). On a CPU (the arrays on it, or traced with it the default
+backend) it is a no-op.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from gradtransforms import _checks, _stats, _xla
+from gradtransforms import _checks, _snapshot, _stats, _xla
 from gradtransforms._registry import register
 from gradtransforms.guard import GuardState
 
@@ -43,20 +53,26 @@ class RewindState(NamedTuple):
   rewind went back to (-1: none); ``lost``: steps discarded by rewinds so
   far (the data the loop skips if it carries on with fresh batches);
   ``snapshot_step``: the step index of the snapshot (its params are the
-  ones ``update`` was given at that step); ``tries``: rewinds to this
-  snapshot; ``since``: steps in the current window; ``clean``: no step of
-  the window was bad; ``above``: steps in a row with the loss above
+  ones ``update`` was given at that step); ``written``: that of the
+  snapshot the buffers hold (differs from a window's end to the next
+  update, which writes them); ``tries``: rewinds to this snapshot since it
+  was written; ``since``: steps in the current window; ``clean``: no step
+  of the window was bad; ``above``: steps in a row with the loss above
   ``level + margin``; ``level``: mean loss of the window the snapshot
-  closed (``inf``: none yet); ``total``/``count``: the current window's loss
-  sum and finite count; ``halt``: sticky, see :func:`rewind`;
-  ``snapshot``/``snapshot_inner``: the params and ``inner``'s state at
-  ``snapshot_step`` (the latter as a tuple of its leaves); ``inner_state``: ``inner``'s state."""
+  closed (``inf``: none yet); ``total``/``count``: the current window's
+  loss sum and finite count; ``halt``: sticky, see :func:`rewind`;
+  ``snapshot``: the params at ``written``; ``snapshot_inner``: ``inner``'s
+  state then, as a tuple: its arrays (leaves of two elements or more),
+  then its scalars, one vector per dtype; ``inner_state``: ``inner``'s
+  state (after a step that went back, its scalars are the snapshot's; the
+  next update replaces its arrays, before ``inner`` runs)."""
   step: jax.Array
   rewound: jax.Array
   rewinds: jax.Array
   rewound_to: jax.Array
   lost: jax.Array
   snapshot_step: jax.Array
+  written: jax.Array
   tries: jax.Array
   since: jax.Array
   clean: jax.Array
@@ -76,24 +92,6 @@ def _guards(inner_state: Any) -> list[GuardState]:
           if is_guard(s)]
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  ok = jnp.ones((), jnp.bool_)
-  for x in jax.tree.leaves(tree):
-    ok = ok & jnp.all(jnp.isfinite(x)) if x.size else ok
-  return ok
-
-
-def _maybe(pred: jax.Array, fn: Any, carry: Any) -> Any:
-  """``fn(carry)`` if ``pred`` else ``carry``, as a ``while_loop`` of 0 or 1
-  trips: a loop carry is updated in place, so a step that skips ``fn`` reads
-  and copies nothing (a ``lax.cond`` made XLA:CPU copy every donated buffer
-  it passes through; XLA:GPU turns a cheap ``cond`` into selects, which read
-  both sides)."""
-  def body(c):
-    return jnp.zeros((), jnp.bool_), fn(c[1])
-  return lax.while_loop(lambda c: c[0], body, (pred, carry))[1]
-
-
 def _any(flag: jax.Array, axis_name: Any) -> jax.Array:
   return flag if axis_name is None else lax.psum(flag.astype(I32),
                                                  axis_name) > 0
@@ -101,22 +99,22 @@ def _any(flag: jax.Array, axis_name: Any) -> jax.Array:
 
 def rewind(inner: optax.GradientTransformation, every: int = 100, *,
            patience: int | None = None, margin: float = 0.1,
-           max_rewinds: int = 2,
-           axis_name: str | None = None
-           ) -> optax.GradientTransformationExtraArgs:
+           max_rewinds: int = 2, axis_name: str | None = None,
+           offload: bool = False) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` and takes the params back to a snapshot when the run
   goes wrong (PaLM, Chowdhery et al. 2022, sec. 5.1, did it by hand:
   restart ~100 steps before a loss spike and skip the batches since).
 
   Snapshot: ``(params, inner_state)`` as ``update`` receives them at step
   ``k`` (taken at init, ``k = 0``). Windows of ``every`` steps follow; at
-  the last step ``t`` of a window the snapshot becomes the params and
-  inner state that step ``t + 1`` will receive (``p + u`` computed as
-  ``optax.apply_updates`` does, and ``inner``'s new state), ``k = t + 1``, if
-  the window was *clean* (no step bad) and they are finite; either way a new
-  window starts. A step is bad if a trigger fires, an inner
-  :func:`gt.guard <gradtransforms.guard>` marks it ``bad``, or (with
-  ``patience``) its loss is above ``level + margin``.
+  the last step ``t`` of a window, if the window was *clean* (no step bad),
+  the snapshot moves on to step ``k = t + 1`` (``snapshot_step``, ``level``
+  at once); either way a new window starts. Its buffers are written by the
+  next update, from the params and inner state it receives (after
+  ``optax.apply_updates``, ``p + u`` and ``inner``'s new state), if they
+  are finite; if not, the snapshot stays the previous one. A step is bad if
+  a trigger fires, an inner :func:`gt.guard <gradtransforms.guard>` marks
+  it ``bad``, or (with ``patience``) its loss is above ``level + margin``.
 
   Triggers, at step ``t`` with snapshot step ``k``:
 
@@ -125,9 +123,9 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
   * ``nonfinite``: the loss (``value=``) is not finite and no guard is
     inside (a guard skips such a step itself and halts if they persist):
     the step's update is replaced before it lands; or the params are not
-    finite at a window's end (checked there only, one read per window).
-    Params already Inf/NaN cannot be repaired by an update (``inf + x`` is
-    ``inf`` or ``nan``): this rewind also sets ``halt``; copy
+    finite at a window's end or when a snapshot is written (checked there
+    only). Params already Inf/NaN cannot be repaired by an update (``inf +
+    x`` is ``inf`` or ``nan``): this rewind also sets ``halt``; copy
     ``state.snapshot`` into the params to resume;
   * ``loss`` (``patience`` set, needs ``value=loss``): ``loss_t > level +
     margin`` for ``patience`` steps in a row, ``level`` = the mean finite
@@ -135,7 +133,8 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
     first refresh).
 
   On a trigger the update is ``snapshot - params`` (leafwise, in the
-  params' dtype), ``inner``'s state becomes ``snapshot_inner``, and
+  params' dtype), ``inner``'s state becomes ``snapshot_inner`` (its arrays
+  at the start of the next update: see :class:`RewindState`), and
   ``rewound``, ``rewinds``, ``rewound_to = k`` and ``lost += t - k + 1``
   (steps ``k..t``; a loop that carries on with fresh batches skips those
   batches) are reported. ``optax.apply_updates`` then gives
@@ -148,9 +147,8 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
   next refresh is a rewind to the same snapshot (``tries`` counts them).
   The ``max_rewinds + 1``-th also sets the sticky ``halt``: every later
   update is ``-0.0`` (params frozen at the snapshot): poll ``halt``, save,
-  stop. NaN/Inf never reaches the snapshot.
-
-  Memory and cost: see the module docstring.
+  stop. NaN/Inf never reaches the snapshot. Memory and cost: see the
+  module docstring.
 
   State: :class:`RewindState`; figures via ``gt.metrics`` (``rewind/...``).
 
@@ -163,6 +161,8 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
     max_rewinds: rewinds to one snapshot before ``halt``, >= 1.
     axis_name: under ``shard_map``/``pmap``: every device takes the same
       decision (flags OR-ed, the loss averaged over the axis).
+    offload: keep the snapshot's large arrays in host memory on GPU/TPU
+      (a bool; default False); see the module docstring.
   """
   _checks.transformation("inner", inner)
   every = _checks.integer("every", every, minimum=1)
@@ -171,21 +171,11 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
   _checks.nonnegative("margin", margin)
   max_rewinds = _checks.integer("max_rewinds", max_rewinds, minimum=1)
   axis_name = _checks.axis_name("axis_name", axis_name)
+  offload = _checks.boolean("offload", offload)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    inner_state = inner.init(params)
-    i, f = jnp.zeros((), I32), jnp.zeros((), jnp.bool_)
-    own = _xla.fresh(dict(
-        step=i, rewound=f, rewinds=i, rewound_to=i - 1, lost=i,
-        snapshot_step=i, tries=i, since=i, clean=~f, above=i,
-        level=jnp.full((), jnp.inf, F32), total=jnp.zeros((), F32), count=i,
-        halt=f))
-    snap, snap_inner = _xla.fresh((params, inner_state))
-    # inner's snapshot as flat leaves: gt.metrics reads only the live state
-    return RewindState(**own, snapshot=snap,
-                       snapshot_inner=tuple(jax.tree.leaves(snap_inner)),
-                       inner_state=inner_state)
+    return _init(inner, params, offload)
 
   cfg = _Cfg(every, patience, margin, max_rewinds, axis_name)
 
@@ -195,10 +185,26 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
     if patience is not None and loss is None:
       raise ValueError("rewind(patience=...) needs the loss: call "
                        "update(grads, state, params, value=loss)")
-    u, inner_state = inner.update(updates, state.inner_state, params, **extra)
-    return _step(cfg, state, params, u, inner_state, loss)
+    pre = _pending(cfg, state, params)
+    u, inner_state = inner.update(updates, pre["inner"], params, **extra)
+    return _step(cfg, state, pre, params, u, inner_state, loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _init(inner, params, offload: bool) -> RewindState:
+  inner_state = inner.init(params)
+  i, f = jnp.zeros((), I32), jnp.zeros((), jnp.bool_)
+  own = _xla.fresh(dict(
+      step=i, rewound=f, rewinds=i, rewound_to=i - 1, lost=i,
+      snapshot_step=i, written=i, tries=i, since=i, clean=~f, above=i,
+      level=jnp.full((), jnp.inf, F32), total=jnp.zeros((), F32), count=i,
+      halt=f))
+  # inner's snapshot as flat leaves: gt.metrics reads only the live state
+  snap, snap_inner = _snapshot.place(params, jax.tree.leaves(inner_state),
+                                     offload)
+  return RewindState(**own, snapshot=snap, snapshot_inner=snap_inner,
+                     inner_state=inner_state)
 
 
 class _Cfg(NamedTuple):
@@ -209,24 +215,33 @@ class _Cfg(NamedTuple):
   axis_name: Any
 
 
-def _decide(cfg: _Cfg, state: RewindState, params, u, inner_state, loss):
-  """This step's flags: ``trigger``, ``bad``, ``halt``, ``take`` (refresh),
-  ``above``, ``loss`` (float32, averaged over ``axis_name``)."""
+def _pending(cfg: _Cfg, state: RewindState, params) -> dict:
+  """Before ``inner`` runs (:func:`_snapshot.prepare`): the params' check
+  and the pending snapshot's write, from what this step received."""
+  due = state.since + 1 >= cfg.every
+  pending = state.written != state.snapshot_step
+  i_leaves, i_def = jax.tree.flatten(state.inner_state)
+  redo = state.rewound | state.halt  # the last step went back
+  pre = _snapshot.prepare(due | pending, pending, redo,
+                          jax.tree.leaves(params), i_leaves,
+                          jax.tree.leaves(state.snapshot),
+                          state.snapshot_inner, cfg.axis_name)
+  pre["inner"] = jax.tree.unflatten(i_def, pre["inner"])
+  pre["snapshot"] = jax.tree.unflatten(jax.tree.structure(state.snapshot),
+                                       pre["snapshot"])
+  return dict(pre, due=due, pending=pending)
+
+
+def _decide(cfg: _Cfg, state: RewindState, pre: dict, inner_state, loss):
+  """This step's flags: ``trigger``, ``bad``, ``halt``, ``take`` (a window
+  closes clean: snapshot at the next step), ``above``, ``tries``, ``loss``
+  (float32, averaged over ``axis_name``)."""
   guards = _guards(inner_state)
-  halted = jnp.zeros((), jnp.bool_)
-  bad = jnp.zeros((), jnp.bool_)
+  halted = bad = jnp.zeros((), jnp.bool_)
   for g, old in zip(guards, _guards(state.inner_state)):
     halted = halted | (g.halt & ~old.halt)
     bad = bad | g.bad
-  due = state.since + 1 >= cfg.every
-
-  def check(_):  # at a window's end: are the params (and the next ones) finite
-    fine = _all_finite(params)
-    nxt = fine & _all_finite((u, inner_state))
-    return _any(~fine, cfg.axis_name), ~_any(~nxt, cfg.axis_name)
-
-  false = jnp.zeros((), jnp.bool_)
-  broken, next_ok = _maybe(due, check, (false, false))
+  broken = ~pre["fine_p"]
   nonfinite, above = broken, state.above
   if loss is not None:
     loss = jnp.asarray(loss, F32)
@@ -243,52 +258,37 @@ def _decide(cfg: _Cfg, state: RewindState, params, u, inner_state, loss):
     trigger = trigger | (above >= cfg.patience)
   trigger = _any(trigger & ~state.halt, cfg.axis_name)
   bad = _any(bad, cfg.axis_name) | trigger
+  tries = jnp.where(pre["commit"], 0, state.tries)
   # an Inf/NaN param cannot be undone by an update (inf + x is inf or nan)
-  halt = state.halt | (trigger & ((state.tries >= cfg.max_rewinds) | broken))
-  take = due & ~trigger & state.clean & ~bad & ~halt & next_ok
+  halt = state.halt | (trigger & ((tries >= cfg.max_rewinds) | broken))
+  take = pre["due"] & ~trigger & state.clean & ~bad & ~halt
   return dict(trigger=trigger, bad=bad, halt=halt, take=take, above=above,
-              due=due, loss=loss)
+              loss=loss, tries=tries)
 
 
-def _step(cfg: _Cfg, state: RewindState, params, u, inner_state, loss):
-  d = _decide(cfg, state, params, u, inner_state, loss)
+def _step(cfg: _Cfg, state: RewindState, pre: dict, params, u, inner_state,
+          loss):
+  d = _decide(cfg, state, pre, inner_state, loss)
   trigger, bad, take, frozen = d["trigger"], d["bad"], d["take"], state.halt
-  tdef = jax.tree.structure(inner_state)
-
-  def restore(carry):  # rewind, or frozen after halt: back to the snapshot
-    v, _ = carry
-    v = jax.tree.map(
-        lambda s, p, x: jnp.where(frozen, jnp.asarray(-0.0, x.dtype),
-                                  (s - p).astype(x.dtype)),
-        state.snapshot, params, v)
-    return v, jax.tree.unflatten(tdef, state.snapshot_inner)
-
-  def refresh(_):
-    # the params and inner state the next step will receive: p + u as
-    # optax.apply_updates computes it (finite inputs, checked in _decide;
-    # an overflow to Inf would be caught at the next window's end)
-    cand = jax.tree.map(lambda p, v: jnp.asarray(p + v).astype(p.dtype),
-                        params, u)
-    return cand, tuple(jax.tree.leaves(inner_state))
-
-  # restore (reads the snapshot) before refresh (writes it): in place
-  u, inner_state = _maybe(trigger | frozen, restore, (u, inner_state))
-  snapshot, snapshot_inner = _maybe(
-      take, refresh, (state.snapshot, state.snapshot_inner))
+  back = trigger | frozen  # rewind, or frozen after halt: to the snapshot
+  snapshot, snapshot_inner = pre["snapshot"], pre["snapshot_inner"]
+  u = _snapshot.restore_updates(back, frozen, snapshot, params, u)
+  inner_state = _snapshot.restore_small(back, snapshot_inner, inner_state)
+  k = jnp.where(pre["pending"] & ~pre["commit"], state.written,
+                state.snapshot_step)  # the snapshot the buffers now hold
   step, total, count = state.step, state.total, state.count
   if d["loss"] is not None:
     ok = jnp.isfinite(d["loss"]) & ~bad
     total = total + jnp.where(ok, d["loss"], 0.0)
     count = _stats.inc(count, ok)
-  restart = trigger | d["due"]
+  restart = trigger | pre["due"]
   return u, RewindState(
       step=_stats.inc(step), rewound=trigger,
       rewinds=_stats.inc(state.rewinds, trigger),
-      rewound_to=jnp.where(trigger, state.snapshot_step, state.rewound_to),
-      lost=_stats.inc(state.lost, jnp.where(
-          trigger, step - state.snapshot_step + 1, 0)),
-      snapshot_step=jnp.where(take, _stats.inc(step), state.snapshot_step),
-      tries=jnp.where(take, 0, _stats.inc(state.tries, trigger)),
+      rewound_to=jnp.where(trigger, k, state.rewound_to),
+      lost=_stats.inc(state.lost, jnp.where(trigger, step - k + 1, 0)),
+      snapshot_step=jnp.where(take, _stats.inc(step), k), written=k,
+      tries=_stats.inc(d["tries"], trigger),
       since=jnp.where(restart, 0, _stats.inc(state.since)),
       clean=restart | (state.clean & ~bad),
       above=jnp.where(trigger, 0, d["above"]),

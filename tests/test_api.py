@@ -134,11 +134,9 @@ EXTRA_BUFFERS = {
     # XLA:CPU copies v for leaves sharing a shape and materialises the
     # reduction's shared scalar broadcasts (none for leaves of unique shape)
     "spam": 1.0,
-    # the update (a loop carry: materialised), and a copy of the donated
-    # params: XLA copies a donated buffer that enters a while/cond before
-    # the step overwrites it (see gradtransforms/rewind.py); ~0.7 more for
-    # the restore's snapshot - params in the loop body
-    "rewind": 2.7,
+    # its guard's update (rewind's rare work copies nothing: see
+    # gradtransforms/_snapshot.py)
+    "rewind": 1.0,
 }
 
 

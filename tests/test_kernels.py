@@ -9,7 +9,8 @@ For every catalogue entry + Adam, per leaf and (where it takes
   ``optax.clip_by_global_norm`` + Adam (Adam plus one read of the
   gradients); else, for a figure only recorded, Adam + a recorded global
   norm (XLA fuses it into Adam's own pass); ``with_moment_reset``: Adam;
-  ``clippy``: two global-norm clips (it reads the gradients twice).
+  ``clippy``: two global-norm clips (it reads the gradients twice);
+  ``rewind`` (around a guard): the guard's, ``optax.apply_if_finite``.
   Per leaf the count is measured at 8 and 16 leaves and split into a
   per-leaf slope and a fixed intercept: the slope may not exceed the
   reference's (+5%), and slope and intercept together may not exceed the
@@ -19,8 +20,11 @@ For every catalogue entry + Adam, per leaf and (where it takes
 * bytes at most the floor + 1%: Adam's bytes plus ``budgets.READS[name]``
   reads of the gradients (0 for a figure only recorded or ``optax.clip``,
   which fuse into Adam's pass; 1 for a norm; 2 for adaptive_grad_clip's
-  params and gradients norms and for spike_clip's own second moment; 3 for
-  clippy), see ``gradtransforms/bench/budgets.py``.
+  params and gradients norms, for spike_clip's own second moment and for
+  rewind's guard and snapshot; 3 for clippy), see
+  ``gradtransforms/bench/budgets.py``. A ``while`` loop is one kernel and
+  no bytes (its carry is updated in place; its body runs on rare steps
+  and is reported apart, ``Structure.loop_bytes``).
 
 Leaves are 255 x 254 float32 (shapes only: nothing is allocated), large
 enough that XLA:GPU splits reductions as it does at 50M parameters and not
@@ -67,9 +71,6 @@ _over(["guard"], ["stacked"], ["h100"], ["kernels"],
       "guard's scalar bookkeeping over only 6 leaves (issue 21 open)")
 _over(["guard"], ["stacked"], ["tpu-v5e"], ["kernels"],
       "guard's per-layer sums are unfused reduces on TPU (issue 21 open)")
-# rewind: the snapshot's 0/1-trip loops copy the donated params every step
-_over(["rewind"], ["per_leaf"], PLATFORMS, ["kernels", "bytes"],
-      "rewind copies the donated params each step (issue 25 open)")
 # Per-layer clips, 6x4 stacked on TPU: 2 kernels a leaf as the reference,
 # whose per-leaf scale is a scalar (TPU's scalar unit, no kernel), plus 3-4
 # fixed for the (L,)-vector scales (concatenation, scales, their slices:
@@ -189,6 +190,34 @@ ENTRY %main (a: f32[8], s: f32[]) -> (f32[8], f32[]) {
   assert gpu.bytes == 64 + (68 + 32) + (32 + 68) + 64 + 12
   tpu = compiled.structure(hlo, tpu=True)
   assert (tpu.kernels, tpu.dma, tpu.scalar_ops) == (2, 1, 1)
+
+
+def test_structure_counts_a_loop_once_and_its_body_apart():
+  """A while is one kernel whose carry (updated in place) is no bytes; its
+  body's kernels are reported apart, for one trip."""
+  hlo = """HloModule m
+%body (c: (pred[], f32[8])) -> (pred[], f32[8]) {
+  %c = (pred[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%c), index=1
+  %n = f32[8]{0} negate(%x)
+  %f = pred[] constant(false)
+  ROOT %r = (pred[], f32[8]{0}) tuple(%f, %n)
+}
+%cond (c: (pred[], f32[8])) -> pred[] {
+  %c = (pred[], f32[8]{0}) parameter(0)
+  ROOT %p = pred[] get-tuple-element(%c), index=0
+}
+ENTRY %main (a: f32[8], p: pred[]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %p = pred[] parameter(1)
+  %t = (pred[], f32[8]{0}) tuple(%p, %a)
+  %w = (pred[], f32[8]{0}) while(%t), condition=%cond, body=%body
+  ROOT %y = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+  s = compiled.structure(hlo)
+  assert (s.kernels, s.bytes, s.by_op) == (1, 0, {"while": 1})
+  assert (s.loop_kernels, s.loop_bytes) == (1, 64)
 
 
 def test_unknown_platform_is_a_value_error():

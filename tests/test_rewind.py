@@ -162,12 +162,15 @@ def test_rewind_exact_after_real_adam_training():
   assert bits_equal(params, snap)
 
 
-def test_plain_steps_copy_no_snapshot_cpu():
-  """Compiled step on XLA:CPU: the snapshot and inner state are never
-  copied (the refresh and restore run inside 0/1-trip loops, updated in
-  place); the donated params are copied once per step (XLA copies a donated
-  buffer that enters a loop), and nothing else parameter-sized is. (The
-  inner is plain Adam: a guard adds its own CPU conditionals.)"""
+def _entry(hlo):
+  return hlo[hlo.index("\nENTRY"):]
+
+
+def test_plain_steps_copy_nothing_parameter_sized_cpu():
+  """Compiled step on XLA:CPU: nothing parameter-sized is copied (neither
+  the snapshot, nor the inner state read before it is updated in place,
+  nor the donated params), and the rare work is one loop. (The inner is
+  plain Adam: a guard adds its own CPU conditionals.)"""
   p = {f"w{i}": jnp.ones((64, 48 + i)) for i in range(3)}
   tx = gt.rewind(optax.adam(1e-3), every=10)
   s = tx.init(p)
@@ -175,11 +178,200 @@ def test_plain_steps_copy_no_snapshot_cpu():
   def step(p, s, g):
     u, s = tx.update(g, s, p, value=jnp.float32(1.0))
     return optax.apply_updates(p, u), s
-  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, p).compile().as_text()
-  entry = hlo[hlo.index("\nENTRY"):]
-  copies = re.findall(r"= f32\[64,\d+\]\S* copy\((%[\w.]+)\)", entry)
-  assert sorted(copies) == [f"%p__w{i}__.1" for i in range(3)], copies
-  assert " conditional(" not in entry and entry.count(" while(") == 3
+  entry = _entry(jax.jit(step, donate_argnums=(0, 1)).lower(p, s, p)
+                 .compile().as_text())
+  assert not re.findall(r"= f32\[64,\d+\]\S* copy\(", entry)
+  assert " conditional(" not in entry and entry.count(" while(") == 1
+
+
+@pytest.mark.parametrize("layers", [0, 4])
+@pytest.mark.parametrize("platform", ["h100", "tpu-v5e"])
+def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform, layers):
+  """Deviceless compile, ``rewind(guard(adam), every=100)`` against
+  ``guard(adam)``, 4 leaves of 255 x 254 (or of 4 such layers: XLA:TPU
+  once copied 3-D loop carries to another layout and back every step): at
+  most one kernel more (the loop) and one per dtype of the packed scalars
+  (the TPU unpacks each in a kernel), and one read of the params more (the
+  update's select on the snapshot). The snapshot's inner arrays are read
+  by no kernel outside the loop, each params' snapshot by one (the
+  update's)."""
+  from gradtransforms.bench import budgets, compiled
+  if compiled.unavailable(platform):
+    pytest.skip(compiled.unavailable(platform))
+  w = budgets.Workload(4, 4 * max(layers, 1) * 255 * 254, layers=layers)
+  guard = budgets._step(gt.guard(budgets.adam()), w).compile(platform)
+  got = budgets._step(gt.rewind(gt.guard(budgets.adam()), every=100), w
+                      ).compile(platform, keep_hlo=True)
+  assert got.by_op.get("while") == 1
+  assert got.kernels <= guard.kernels + 1 + 3, (got.by_op, guard.by_op)
+  assert got.bytes <= 1.01 * (guard.bytes + budgets.grad_bytes(w))
+  comps, entry = compiled._computations(got.hlo)
+  users: dict = {}
+  parts: dict = {}  # a tuple's (or a loop's: its carry's) elements
+  origin: dict = {}  # a value passed through tuples and loops: its source
+  for line in comps[entry]:
+    name, _, op, operands = compiled._parse(line)
+    if op == "tuple":
+      parts[name] = [origin.get(o, o) for o in operands]
+    elif op == "while":
+      parts[name] = parts[operands[0]]
+    elif op == "get-tuple-element" and operands[0] in parts:
+      i = int(re.search(r"index=(\d+)", line).group(1))
+      origin[name] = parts[operands[0]][i]
+    elif op != "bitcast":
+      for o in operands:
+        users[origin.get(o, o)] = users.get(origin.get(o, o), 0) + 1
+  snap = [n for n in users if n.startswith("state_snapshot__")]
+  big = [ln.split(" = ")[0].strip().lstrip("%") for ln in comps[entry]
+         if re.search(r"%state_snapshot_inner_\d+_\S* = f32\[(\d+,)?255,254\]",
+                      ln)]
+  assert len(snap) == 4 and all(users[n] == 1 for n in snap), users
+  assert len(big) == 8 and not any(users.get(n) for n in big), big
+
+
+def test_snapshot_is_written_by_the_next_update():
+  """A clean window's end (step 1, every=2) moves ``snapshot_step`` to 2 at
+  once; the buffers are written at step 2, from the params it receives."""
+  tx = gt.rewind(gt.guard(optax.sgd(0.1)), every=2)
+  ps, _, _ = run(tx, [1.0], [1.0])
+  ps2, _, state2 = run(tx, [1.0, 1.0], [1.0, 1.0])
+  _, _, state3 = run(tx, [1.0] * 3, [1.0] * 3)
+  assert (int(state2.snapshot_step), int(state2.written)) == (2, 0)
+  assert bits_equal(state2.snapshot, PARAMS)
+  assert (int(state3.snapshot_step), int(state3.written)) == (2, 2)
+  assert bits_equal(state3.snapshot, ps2[1]) and not bits_equal(ps[0], ps2[1])
+
+
+def test_non_finite_params_are_never_written_into_the_snapshot():
+  """Params that turn Inf between a window's end and the next update: the
+  write is refused, the step rewinds to the previous snapshot and halts."""
+  tx = gt.rewind(optax.sgd(0.1), every=2)
+  state = tx.init(PARAMS)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p, value=jnp.float32(1.0)))
+  p = PARAMS
+  for _ in range(2):  # a clean window: snapshot_step 2, not written yet
+    u, state = step(p, state, ones_like(p))
+    p = optax.apply_updates(p, u)
+  p = {**p, "w": p["w"].at[0, 0].set(jnp.inf)}
+  u, state = step(p, state, ones_like(p))
+  m = {k: float(v) for k, v in gt.metrics(state).items()}
+  assert m["rewind/rewound"] == 1 and m["rewind/halt"] == 1
+  assert m["rewind/rewound_to"] == 0 and m["rewind/snapshot_step"] == 0
+  assert int(state.written) == 0 and bits_equal(state.snapshot, PARAMS)
+
+
+def test_inner_arrays_come_back_at_the_next_update():
+  """After a rewind (step 3, to the snapshot of step 2) the inner state's
+  scalars are the snapshot's at once and its arrays are replaced by the
+  next update before the inner optimizer runs: step 4 is Adam's update
+  from the state Adam had when step 2 began (an independent replay)."""
+  adam = optax.adam(0.1)
+  tx = gt.rewind(adam, every=2)
+  g = [1.0, 0.5, 2.0, 3.0, 0.25]
+  loss = [1.0, 1.0, 1.0, np.nan, 1.0]
+  state = tx.init(PARAMS)
+  step = jax.jit(lambda p, s, g, l: tx.update(g, s, p, value=l))
+  p, us = PARAMS, []
+  for gi, li in zip(g, loss):
+    u, state = step(p, state, ones_like(p, gi), jnp.float32(li))
+    us.append(u)
+    p = optax.apply_updates(p, u)
+    if gi == 3.0:  # the rewind step: count back at once, mu not yet
+      assert int(state.inner_state[0].count) == 2
+      assert not bits_equal(state.inner_state[0].mu["b"],
+                            state.snapshot_inner[0])
+      p3 = p
+  ref, s = PARAMS, adam.init(PARAMS)
+  for gi in g[:2]:
+    u, s = adam.update(ones_like(ref, gi), s, ref)
+    ref = optax.apply_updates(ref, u)
+  want_u, want_s = adam.update(ones_like(ref, g[4]), s, p3)
+  assert bits_equal(us[4], want_u) and bits_equal(state.inner_state, want_s)
+
+
+def test_offload_argument_is_a_bool_and_a_no_op_on_cpu():
+  for bad in (1, "yes", None):
+    with pytest.raises(TypeError, match="offload"):
+      gt.rewind(optax.sgd(0.1), offload=bad)
+  tx = gt.rewind(gt.guard(optax.sgd(0.1), max_consecutive_errors=3), every=4,
+                 offload=True)
+  assert all(x.sharding.memory_kind == "device" for x in
+             jax.tree.leaves((tx.init(PARAMS).snapshot,
+                              tx.init(PARAMS).snapshot_inner)))
+
+
+def test_offloaded_snapshot_runs_bit_identically(monkeypatch):
+  """The host-memory path (its loops moving the snapshot to and from
+  ``pinned_host``), run on XLA:CPU by letting init place the snapshot
+  there as it does on GPU/TPU: the same numbers as without offload."""
+  from gradtransforms import _snapshot
+  g = [1.0] * 10 + [np.nan] * 3 + [1.0] * 3
+  make = lambda off: gt.rewind(gt.guard(optax.adam(0.1),
+                                        max_consecutive_errors=3),
+                               every=4, offload=off)
+  want, _, _ = run(make(False), g, [1.0] * len(g))
+  monkeypatch.setattr(_snapshot, "_platform", lambda leaves: "gpu")
+  monkeypatch.setattr(_snapshot, "OFFLOAD_MIN", 2)
+  got, ms, state = run(make(True), g, [1.0] * len(g))
+  assert ms[12]["rewind/rewound"] == 1 and bits_equal(got, want)
+  kinds = [x.sharding.memory_kind for x in jax.tree.leaves(state.snapshot)]
+  assert kinds == ["pinned_host"] * 2
+
+
+def _host_spec(x):
+  """A ShapeDtypeStruct in host memory for a deviceless compile: the
+  topology's devices list no memories, so a SingleDeviceSharding drops
+  ``memory_kind``; an abstract mesh's NamedSharding keeps it."""
+  from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+  mesh = AbstractMesh((1,), ("x",))
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+      mesh, PartitionSpec(), memory_kind="pinned_host"))
+
+
+@pytest.mark.parametrize("platform", ["h100", "tpu-v5e"])
+def test_offloaded_snapshot_stays_in_host_memory_on_plain_steps(platform):
+  """Deviceless compile: the snapshot's large arrays are parameters and
+  results in host memory (``S(5)`` in the entry layout), and outside the
+  loop bodies nothing reads, writes or moves them (only the loop carries
+  them); the loop bodies do move them (the rare steps)."""
+  from gradtransforms import _snapshot
+  from gradtransforms.bench import budgets, compiled
+  if compiled.unavailable(platform):
+    pytest.skip(compiled.unavailable(platform))
+  dev = jax.sharding.SingleDeviceSharding(compiled.device(platform))
+  params = budgets.Workload(2, 2 * 255 * 254).tree()
+  tx = gt.rewind(optax.adam(1e-3), every=10, offload=True)
+  shapes = jax.eval_shape(tx.init, params)  # traced on the CPU: no offload
+  arrays = sum(x.size >= _snapshot.BIG  # snapshot_inner: these come first
+               for x in jax.tree.leaves(shapes.inner_state))
+  big = lambda x: x.size >= _snapshot.OFFLOAD_MIN  # as init places them
+  on = lambda x, host: _host_spec(x) if host else jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=dev)
+  state = jax.tree.map(lambda x: on(x, False), shapes)._replace(
+      snapshot=jax.tree.map(lambda x: on(x, big(x)), params),
+      snapshot_inner=tuple(on(x, i < arrays and big(x))
+                           for i, x in enumerate(shapes.snapshot_inner)))
+  ps = jax.tree.map(lambda x: on(x, False), params)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(ps, state, ps).compile(
+      ).as_text()
+  layout = hlo[hlo.index("entry_computation_layout"):].split("\n")[0]
+  assert layout.count("S(5)") == 2 * (2 + arrays)  # in and out
+  comps, entry = compiled._computations(hlo)
+  host, moved = set(), []
+  for line in comps[entry]:
+    name, t, op, operands = compiled._parse(line)
+    touches = "S(5)" in t or any(o in host for o in operands)
+    if "S(5)" in t:
+      host.add(name)
+    if touches and op not in {"parameter", "tuple", "get-tuple-element",
+                              "while", "bitcast"}:
+      moved.append(line.strip()[:120])
+  assert not moved, moved
+  assert re.search(r"S\(5\)\}?, [^\n]*copy-start\(", hlo)  # in a loop body
 
 
 def test_checkpoint_round_trips():

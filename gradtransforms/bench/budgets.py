@@ -4,9 +4,11 @@ its reference, and its DRAM-bytes floor (issue 21).
 Reference (what a method may cost in kernels, +5%): its optax equivalent;
 else, for a clip, ``optax.clip_by_global_norm`` + Adam (Adam plus one read
 of the gradients); else, for a figure that is only recorded, Adam + a
-recorded global norm (XLA fuses the norm into Adam's own pass). Bytes floor
-(+1%): Adam's bytes plus ``READS[name]`` reads of the gradients, the passes
-over gradient-sized arrays the method needs beyond Adam's.
+recorded global norm (XLA fuses the norm into Adam's own pass); rewind, in
+its catalogue configuration around a guard: the guard's (``REFERENCE_OF``).
+Bytes floor (+1%): Adam's bytes plus ``READS[name]`` reads of the
+gradients, the passes over gradient-sized arrays the method needs beyond
+Adam's.
 
 Workloads: ``leaves`` 2-D leaves (per leaf), or ``leaves`` stacked leaves of
 shape ``(layers, r, c)`` built with ``layer_axes=0`` where a method takes
@@ -37,6 +39,9 @@ REFERENCE: dict[str, str] = {
     "monitor": "record", "detect_spikes": "record",
     "with_moment_reset": "adam", "clippy": "clip2",
 }
+# Measured against another method's reference: rewind (around a guard,
+# catalogue configuration) against the guard's, optax.apply_if_finite.
+REFERENCE_OF: dict[str, str] = {"rewind": "guard"}
 # Gradient-sized passes beyond Adam's that set the bytes floor. 0: fused into
 # Adam's pass (a figure only recorded; optax.clip; a moment reset); 1: one
 # read for a norm; adaptive_grad_clip 2: the gradients' and the params'
@@ -44,10 +49,12 @@ REFERENCE: dict[str, str] = {
 # the norms of gradients and params, then the updates after Adam; guard 3:
 # its default check of inner's output computes that output once more before
 # the step is taken (never written), reading what Adam reads: the gradients
-# and both moments (``check="gradients"``: 1, as apply_if_finite).
+# and both moments (``check="gradients"``: 1, as apply_if_finite); rewind 4:
+# its guard's 3, and the snapshot's, where the update is restored by a
+# select (``where(r, s - p, u)``) fused into apply_updates.
 READS: dict[str, int] = {
     "clip_by_value": 0, "monitor": 0, "detect_spikes": 0, "with_moment_reset": 0,
-    "adaptive_grad_clip": 2, "spike_clip": 2, "clippy": 3, "guard": 3,
+    "adaptive_grad_clip": 2, "spike_clip": 2, "clippy": 3, "guard": 3, "rewind": 4,
 }
 
 
@@ -129,6 +136,7 @@ def _per_example_reference() -> optax.GradientTransformation:
 
 def reference_kind(name: str) -> str:
   """``"optax"``, ``"clip"``, ``"clip2"``, ``"record"`` or ``"adam"``."""
+  name = REFERENCE_OF.get(name, name)
   entry = CATALOGUE[name]
   if name in REFERENCE:
     return REFERENCE[name]
@@ -153,6 +161,7 @@ def reference_tx(kind: str, name: str | None = None) -> Any:
 
 
 def reference_label(name: str) -> str:
+  name = REFERENCE_OF.get(name, name)
   kind = reference_kind(name)
   if kind == "optax":
     return ("optax.per_example_global_norm_clip" if CATALOGUE[name].batch_axis
@@ -165,7 +174,8 @@ def reference_label(name: str) -> str:
 def reference_step(name: str, w: Workload) -> Step:
   """The kernel reference of method ``name`` on ``w``."""
   kind = reference_kind(name)
-  return _step(reference_tx(kind, name), w, CATALOGUE[name].batch_axis)
+  return _step(reference_tx(kind, REFERENCE_OF.get(name, name)), w,
+               CATALOGUE[name].batch_axis)
 
 
 def adam_step(w: Workload) -> Step:

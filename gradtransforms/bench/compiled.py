@@ -16,6 +16,11 @@ reads the ENTRY computation of the result:
   unit (reported as ``scalar_ops``).
 * bytes: operands + results of each kernel, a roofline proxy for step time
   (the deviceless GPU executable has no ``cost_analysis``).
+* loops: a ``while`` is one kernel (on GPU a host sync) and its own
+  operands and results are not bytes: they are its loop carry, updated in
+  place. Its trip count is a run-time value, so the kernels and bytes of
+  its body and condition are reported apart, for one trip, as
+  ``loop_kernels`` and ``loop_bytes`` (``gt.rewind`` 's 0/1-trip loop).
 
 A real H100 gave the same counts as this compile to within 2% (0.1.0 of
 this project: 412/412, 518/517, 432/422 kernels). The transforms never
@@ -87,6 +92,8 @@ class Structure:
   by_op: dict[str, int]
   scalar_ops: int = 0  # TPU: rank-0 ops on the scalar unit (not kernels)
   dma: int = 0  # TPU: async HBM<->VMEM copies started (not kernels)
+  loop_kernels: int = 0  # kernels of while bodies and conditions, one trip
+  loop_bytes: int = 0  # their bytes, one trip
   hlo: str = dataclasses.field(default="", repr=False)
 
 
@@ -201,31 +208,46 @@ def structure(text: str, tpu: bool = False) -> Structure:
   scalar: dict[str, bool] = {}
   by_op: collections.Counter = collections.Counter()
   n_bytes, scalar_ops, dma = 0, 0, 0
+  loop = [0, 0]  # kernels, bytes inside while loops (one trip)
 
-  def walk(comp: str) -> None:
+  def walk(comp: str, in_loop: bool = False) -> None:
     nonlocal n_bytes, scalar_ops, dma
     for line in comps[comp]:
       name, t, op, operands = _parse(line)
       sizes[name], scalar[name] = _size(t), re.match(r"^\w+\[\]", t) is not None
       if op == "call":  # command-buffer and other wrappers: what is inside
-        walk(re.search(r"to_apply=%?([\w.\-]+)", line).group(1))  # type: ignore[union-attr]
+        walk(re.search(r"to_apply=%?([\w.\-]+)", line).group(1), in_loop)  # type: ignore[union-attr]
+        continue
+      if op == "while":  # its carry is updated in place; its body apart
+        for part in ("condition", "body"):
+          walk(re.search(part + r"=%?([\w.\-]+)", line).group(1), True)  # type: ignore[union-attr]
+        if not in_loop:
+          by_op[op] += 1
+        else:
+          loop[0] += 1
         continue
       if op in NOT_KERNELS:
         continue
       if tpu and (op in TPU_DMA or any(f'custom_call_target="{c}"' in line
                                        for c in TPU_DMA_CALLS)):
-        dma += op.endswith("-start") or op == "custom-call"
+        dma += (op.endswith("-start") or op == "custom-call") and not in_loop
         continue
       if tpu and op.endswith("-done"):  # async collectives: counted at -start
         continue
       if tpu and op != "fusion" and scalar[name] and all(
           scalar.get(o, False) for o in operands):
-        scalar_ops += 1
+        scalar_ops += not in_loop
+        continue
+      b = sizes[name] + sum(sizes.get(o, 0) for o in operands)
+      if in_loop:
+        loop[0] += 1
+        loop[1] += b
         continue
       by_op[op] += 1
-      n_bytes += sizes[name] + sum(sizes.get(o, 0) for o in operands)
+      n_bytes += b
 
   if entry:
     walk(entry)
   return Structure(platform="", kernels=sum(by_op.values()), bytes=n_bytes,
-                   compile_s=0.0, by_op=dict(by_op), scalar_ops=scalar_ops, dma=dma)
+                   compile_s=0.0, by_op=dict(by_op), scalar_ops=scalar_ops, dma=dma,
+                   loop_kernels=loop[0], loop_bytes=loop[1])

@@ -38,6 +38,7 @@ def _row(name, w, platform, adam) -> dict:
               reference=budgets.reference_label(name),
               bytes=round(m.bytes / adam.bytes, 3),
               floor=round(floor / adam.bytes, 3),
+              loop_bytes=round(m.loop_bytes / adam.bytes, 3),
               compile=round(m.compile_s / max(adam.compile_s, 1e-9), 2),
               over=bool(m.kernels > 1.05 * r.kernels or m.bytes > 1.01 * floor))
 
