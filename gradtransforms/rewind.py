@@ -8,11 +8,12 @@ snapshot costs what ``gt.guard(inner)`` costs plus one read of the
 snapshot's params (``where(r, s - p, u)``, fused into the caller's
 ``apply_updates``); the rare work is one ``while_loop`` of 0 or 1 trips,
 one kernel (on GPU a host sync) that copies nothing (how:
-``_snapshot.py``). H100, ``rewind(guard(adam))`` against ``guard(adam)``:
-69 / 79 kernels at 8 leaves, 108 / 119 at 16, 532 / 541 at 100; DRAM bytes
-1.86x Adam's against 1.72x (+0.14: the snapshot read). TPU v5e: 34 / 30, 58
-/ 54, 310 / 306 kernels; 1.86x against 1.71x. Leaves of 24 layers (6): 60 /
-67 (H100), 28 / 24 (TPU). A trip of the loop (a window's end, a snapshot
+``_snapshot.py``). H100, ``rewind(guard(adam))`` against ``guard(adam)``
+(measured after the guard's fused output check): 29 + 2.75 kernels per leaf
+against 13 + 3 (304 against 313 at 100 leaves; ``apply_if_finite`` 304),
+DRAM bytes 1.57x Adam's against 1.43x (+0.14: the snapshot read). TPU v5e:
+10 + 2 per leaf against 6 + 2 (210 against 206 at 100 leaves; 201).
+A trip of the loop (a window's end, a snapshot
 written or restored) moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params
 in temporaries, as the guard. Before (3 loops, one around u): 122 / 170 /
 676 kernels (H100), 41 / 73 / 409 (TPU), 2.0x and 2.1x Adam's bytes (6.3x
