@@ -184,11 +184,11 @@ def test_plain_steps_copy_nothing_parameter_sized_cpu():
   assert " conditional(" not in entry and entry.count(" while(") == 1
 
 
-@pytest.mark.parametrize("layers", [0, 4])
+@pytest.mark.parametrize("layers", [0, 2])
 @pytest.mark.parametrize("platform", ["h100", "tpu-v5e"])
 def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform, layers):
   """Deviceless compile, ``rewind(guard(adam), every=100)`` against
-  ``guard(adam)``, 4 leaves of 255 x 254 (or of 4 such layers: XLA:TPU
+  ``guard(adam)``, 4 leaves of 255 x 254 (or 2 of 2 layers: XLA:TPU
   once copied 3-D loop carries to another layout and back every step): at
   most one kernel more (the loop) and one per dtype of the packed scalars
   (the TPU unpacks each in a kernel), and one read of the params more (the
@@ -198,7 +198,8 @@ def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform, layers):
   from gradtransforms.bench import budgets, compiled
   if compiled.unavailable(platform):
     pytest.skip(compiled.unavailable(platform))
-  w = budgets.Workload(4, 4 * max(layers, 1) * 255 * 254, layers=layers)
+  n, per = (2, 91 * 90) if layers else (4, 255 * 254)
+  w = budgets.Workload(n, n * max(layers, 1) * per, layers=layers)
   guard = budgets._step(gt.guard(budgets.adam()), w).compile(platform)
   got = budgets._step(gt.rewind(gt.guard(budgets.adam()), every=100), w
                       ).compile(platform, keep_hlo=True)
@@ -223,23 +224,29 @@ def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform, layers):
         users[origin.get(o, o)] = users.get(origin.get(o, o), 0) + 1
   snap = [n for n in users if n.startswith("state_snapshot__")]
   big = [ln.split(" = ")[0].strip().lstrip("%") for ln in comps[entry]
-         if re.search(r"%state_snapshot_inner_\d+_\S* = f32\[(\d+,)?255,254\]",
-                      ln)]
-  assert len(snap) == 4 and all(users[n] == 1 for n in snap), users
-  assert len(big) == 8 and not any(users.get(n) for n in big), big
+         if re.search(r"%state_snapshot_inner_\d+_\S* = f32\[[\d,]{7,}\]", ln)]
+  assert len(snap) == n and all(users[k] == 1 for k in snap), users
+  assert len(big) == 2 * n and not any(users.get(k) for k in big), big
 
 
 def test_snapshot_is_written_by_the_next_update():
   """A clean window's end (step 1, every=2) moves ``snapshot_step`` to 2 at
   once; the buffers are written at step 2, from the params it receives."""
   tx = gt.rewind(gt.guard(optax.sgd(0.1)), every=2)
-  ps, _, _ = run(tx, [1.0], [1.0])
-  ps2, _, state2 = run(tx, [1.0, 1.0], [1.0, 1.0])
-  _, _, state3 = run(tx, [1.0] * 3, [1.0] * 3)
-  assert (int(state2.snapshot_step), int(state2.written)) == (2, 0)
-  assert bits_equal(state2.snapshot, PARAMS)
-  assert (int(state3.snapshot_step), int(state3.written)) == (2, 2)
-  assert bits_equal(state3.snapshot, ps2[1]) and not bits_equal(ps[0], ps2[1])
+  state = tx.init(PARAMS)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p, value=jnp.float32(1.0)))
+  p, seen = PARAMS, []
+  for _ in range(3):
+    u, state = step(p, state, ones_like(p))
+    p = optax.apply_updates(p, u)
+    seen.append((p, state))
+  (p1, s1), (_, s2) = seen[0], seen[1]
+  assert (int(s1.snapshot_step), int(s1.written)) == (0, 0)
+  assert (int(s2.snapshot_step), int(s2.written)) == (2, 0)
+  assert bits_equal(s2.snapshot, PARAMS)
+  p2, s3 = seen[1][0], seen[2][1]
+  assert (int(s3.snapshot_step), int(s3.written)) == (2, 2)
+  assert bits_equal(s3.snapshot, p2) and not bits_equal(p1, p2)
 
 
 def test_non_finite_params_are_never_written_into_the_snapshot():
@@ -300,22 +307,30 @@ def test_offload_argument_is_a_bool_and_a_no_op_on_cpu():
                               tx.init(PARAMS).snapshot_inner)))
 
 
-def test_offloaded_snapshot_runs_bit_identically(monkeypatch):
+def test_offloaded_snapshot_runs_as_the_device_one(monkeypatch):
   """The host-memory path (its loops moving the snapshot to and from
   ``pinned_host``), run on XLA:CPU by letting init place the snapshot
-  there as it does on GPU/TPU: the same numbers as without offload."""
+  there as it does on GPU/TPU: the numbers without offload, through a
+  write, a rewind and the next step's restore of Adam's moments (to one
+  rounding: with offload the update is materialised, not fused into
+  ``apply_updates``, and XLA:CPU rounds ``p + u`` differently), and the
+  rewind lands on the snapshot (step 5 back to the params of step 3)."""
   from gradtransforms import _snapshot
-  g = [1.0] * 10 + [np.nan] * 3 + [1.0] * 3
-  make = lambda off: gt.rewind(gt.guard(optax.adam(0.1),
-                                        max_consecutive_errors=3),
-                               every=4, offload=off)
-  want, _, _ = run(make(False), g, [1.0] * len(g))
+  g = [1.0, 0.5, 2.0, 1.0, 3.0, 1.0, 0.25, 1.0]
+  loss = [1.0] * 5 + [np.nan] + [1.0] * 2
+  make = lambda off: gt.rewind(optax.adam(0.1), every=2, offload=off)
+  want, _, _ = run(make(False), g, loss)
   monkeypatch.setattr(_snapshot, "_platform", lambda leaves: "gpu")
   monkeypatch.setattr(_snapshot, "OFFLOAD_MIN", 2)
-  got, ms, state = run(make(True), g, [1.0] * len(g))
-  assert ms[12]["rewind/rewound"] == 1 and bits_equal(got, want)
-  kinds = [x.sharding.memory_kind for x in jax.tree.leaves(state.snapshot)]
-  assert kinds == ["pinned_host"] * 2
+  got, ms, state = run(make(True), g, loss)
+  assert ms[5]["rewind/rewound"] == 1 and ms[5]["rewind/rewound_to"] == 4
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=3e-7)
+  for a, b in zip(jax.tree.leaves(got[5]), jax.tree.leaves(got[3])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=3e-8)
+  kinds = {x.sharding.memory_kind for x in
+           jax.tree.leaves((state.snapshot, state.snapshot_inner[:4]))}
+  assert kinds == {"pinned_host"}
 
 
 def _host_spec(x):
