@@ -12,9 +12,8 @@ one kernel (on GPU a host sync) that copies nothing (how:
 (measured after the guard's fused output check): 29 + 2.75 kernels per leaf
 against 13 + 3 (304 against 313 at 100 leaves; ``apply_if_finite`` 304),
 DRAM bytes 1.57x Adam's against 1.43x (+0.14: the snapshot read). TPU v5e:
-10 + 2 per leaf against 6 + 2 (210 against 206 at 100 leaves; 201).
-A trip of the loop (a window's end, a snapshot
-written or restored) moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params
+10 + 2 per leaf against 6 + 2 (210 against 206 at 100 leaves; 201). A
+trip of the loop (a window's end, a snapshot written or restored) moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params
 in temporaries, as the guard. Before (3 loops, one around u): 122 / 170 /
 676 kernels (H100), 41 / 73 / 409 (TPU), 2.0x and 2.1x Adam's bytes (6.3x
 and 6.4x as a loop's carry was counted then), 2.7x in temporaries on CPU.
