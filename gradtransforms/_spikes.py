@@ -169,7 +169,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
   # a rule that is off passes its old (constant) figures on: a new constant
   # costs a copy kernel per figure on GPU
   off = {"layer": layer_z_thresh is None, "sigma": norm_sigma is None,
-         "loss": loss_given is False}
+         "loss": not loss_given}
   return _assemble(state, segs, lay.size, off, n=n, finite=finite, loss=loss,
                    norm_stats=norm_stats, loss_stats=loss_stats, norm_z=norm_z,
                    loss_z=loss_z, norm_spike=norm_spike, loss_spike=loss_spike,

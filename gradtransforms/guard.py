@@ -9,7 +9,7 @@ moments: 1.43x Adam's DRAM bytes, the floor of any check of a generic
 optimizer's output; ``optax.apply_if_finite`` checks only the gradient,
 1.14x). On GPU/TPU that reduction is fused with the gradients' norms (one
 kernel per leaf; H100: 3 kernels per leaf like ``apply_if_finite``, plus
-~32 small scalar kernels of bookkeeping where it has 4) and the step is a
+13 small scalar kernels of bookkeeping where it has 4) and the step is a
 select (no branch, no host sync). On CPU the step is decided first and run
 under ``lax.cond`` (no copy of the state to undo a step; ``inner``'s output
 is one update-sized buffer). ``check="gradients"``, the cheaper mode, skips
