@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import pytest
 
 from gradtransforms.bench import budgets, compiled
@@ -98,17 +99,26 @@ def _available(platform: str) -> str | None:
   return compiled.unavailable(platform)
 
 
-@functools.lru_cache(maxsize=None)
+_COMPILED: dict[tuple, tuple[int, int]] = {}
+
+
 def _measure(what: str, name: str, platform: str, w: budgets.Workload):
-  """(kernels, bytes) of ``what`` ("method", "reference", "adam") on ``w``."""
-  if what == "adam":
-    step = budgets.adam_step(w)
-  elif what == "method":
-    step = budgets.method_step(name, w)
+  """(kernels, bytes) of ``what`` ("method", "reference", "adam") on ``w``;
+  one compile per distinct step: methods share their references and Adam."""
+  if what == "adam":  # also with_moment_reset's reference
+    key: tuple = ("reference", ("adam", None))
+  elif what == "reference":
+    key = ("reference", budgets.reference_key(name))
   else:
-    step = budgets.reference_step(name, w)
-  s = step.compile(platform)
-  return s.kernels, s.bytes
+    key = ("method", name)
+  key += (platform, w)
+  if key not in _COMPILED:
+    step = (budgets.adam_step(w) if what == "adam" else
+            budgets.reference_step(name, w) if what == "reference" else
+            budgets.method_step(name, w))
+    s = step.compile(platform)
+    _COMPILED[key] = s.kernels, s.bytes
+  return _COMPILED[key]
 
 
 def _per_leaf(n: int) -> budgets.Workload:
@@ -223,3 +233,18 @@ ENTRY %main (a: f32[8], p: pred[]) -> f32[8] {
 def test_unknown_platform_is_a_value_error():
   with pytest.raises(ValueError, match="platform"):
     compiled.device("a100")
+
+
+def test_methods_sharing_a_reference_key_share_its_step():
+  """The compiles above are shared by ``budgets.reference_key``: methods
+  with one key must have the very same reference step (same jaxpr)."""
+  w = _per_leaf(2)
+  by_key: dict = {}
+  for name in CATALOGUE:
+    step = budgets.reference_step(name, w)
+    jaxpr = str(jax.make_jaxpr(step.fn)(*step.args))
+    by_key.setdefault(budgets.reference_key(name), set()).add(jaxpr)
+  by_key.setdefault(("adam", None), set()).add(
+      str(jax.make_jaxpr(budgets.adam_step(w).fn)(*budgets.adam_step(w).args)))
+  assert all(len(v) == 1 for v in by_key.values())
+  assert len(by_key) < len(CATALOGUE)

@@ -171,6 +171,14 @@ def reference_label(name: str) -> str:
           "clip2": "two optax.clip_by_global_norm + adam"}[kind]
 
 
+def reference_key(name: str) -> tuple[str, str | None]:
+  """What method ``name`` 's reference step depends on: its kind, and for an
+  optax equivalent the method it is placed as. Methods with equal keys
+  share one reference (one compile)."""
+  kind = reference_kind(name)
+  return kind, (REFERENCE_OF.get(name, name) if kind == "optax" else None)
+
+
 def reference_step(name: str, w: Workload) -> Step:
   """The kernel reference of method ``name`` on ``w``."""
   kind = reference_kind(name)
