@@ -24,10 +24,13 @@ demo: $(DEMO)
 	$(PY) -m gradtransforms demo
 
 # The type check, then the suite (which also builds the API docs once and
-# fails on any pdoc warning: tests/test_packaging.py).
+# fails on any pdoc warning: tests/test_packaging.py), in TEST_WORKERS
+# processes (pytest-xdist; CI has 2 cores), a file to a process so that
+# its module-level compile caches are shared.
+TEST_WORKERS ?= 2
 test: $(TEST)
 	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 typecheck: $(TEST)
 	$(PY) -m mypy
