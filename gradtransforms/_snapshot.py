@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gradtransforms import _xla
+
 BIG = 2  # elements: an inner-state leaf this large is looped, not packed
 OFFLOAD_MIN = 4096  # elements: with offload, snapshot arrays this large
 HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
@@ -134,11 +136,16 @@ def to_device(s: jax.Array) -> jax.Array:
 
 
 def _all_finite(leaves: Sequence[Any]) -> jax.Array:
-  ok = jnp.ones((), jnp.bool_)
-  for x in leaves:
-    if x.size:
-      ok = ok & jnp.all(jnp.isfinite(to_device(x)))
-  return ok
+  """Every entry of ``leaves`` finite? One ``zero_sum`` a leaf (0 or NaN),
+  joined by a dot product. Joined by a chain of scalar ops, XLA:CPU copied
+  the chain (N reductions' results) into each of the N selects that read
+  the flag: a program quadratic in the leaves (26 s to compile 200 leaves
+  against 6, 275 s at 500); a dot it neither fuses nor copies."""
+  z = [_xla.zero_sum(to_device(x)) for x in leaves if x.size]
+  if not z:
+    return jnp.ones((), jnp.bool_)
+  v = jnp.stack(z)
+  return jnp.isfinite(jnp.dot(v, v))
 
 
 def prepare(check: jax.Array, pending: jax.Array, redo: jax.Array,
