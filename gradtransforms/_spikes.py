@@ -141,7 +141,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
   lay = _layout.layout(updates, layer_axes)
   _layout.check_names(lay, state.leaf_log_mean, what)
   if parts is None:
-    parts = _norms.leaf_sumsq(leaves, lay, axis_name)
+    parts = _norms.leaf_sumsq(leaves, lay, axis_name, recorded=True)
   sq = _layout.stack(parts)
   n = jnp.sqrt(jnp.sum(sq))
   finite = jnp.isfinite(n)

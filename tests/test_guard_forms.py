@@ -1,6 +1,8 @@
-"""The guard's GPU/TPU forms, run here on the CPU: the fused output check
-(``_output_check.sums_with_output_check``) and the select form of the step give the
-same decisions, updates and inner state as the CPU form, bit for bit."""
+"""The GPU/TPU forms, run here on the CPU. The guard's: the fused output
+check (``_output_check.sums_with_output_check``) and the select form of the
+step give the same decisions, updates and inner state as the CPU form, bit
+for bit. The recorded norms' TPU form (bfloat16 squares): within bfloat16
+rounding of NumPy's."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import pytest
 from jax import lax
 
 import gradtransforms as gt
-from gradtransforms import _layout, _output_check, _xla
+from gradtransforms import _layout, _norms, _output_check, _xla
 
 FORMS = {"rows": _output_check._sums_and_finite_rows,
          "plain": _output_check._sums_and_finite_plain}
@@ -133,3 +135,53 @@ def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
   for a, b in zip(ref, states(), strict=True):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _tpu_norms(monkeypatch):
+  """``_norms`` ' ``platform_dependent`` takes its TPU branch."""
+  def pick(*args, default=None, **platforms):
+    return platforms.get("tpu", default)(*args)
+  fake = type("L", (), {
+      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("_")},
+      "platform_dependent": staticmethod(pick)})
+  monkeypatch.setattr(_norms, "lax", fake)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("bad", [None, jnp.nan, jnp.inf])
+def test_recorded_norms_tpu_form_within_bfloat16_rounding(monkeypatch, dtype,
+                                                          bad):
+  """monitor's per-leaf (and per-layer) norms and detect_spikes' global
+  norm under the TPU form: bfloat16 leaves within 2**-7 of NumPy's float64
+  norms (squares and sum each rounded to bfloat16); float16 and float32
+  leaves exactly the default form (squared in float32). A non-finite entry
+  still makes its leaf's norm, and the global norm, non-finite."""
+  g = {k: v for k, v in _tree(dtype).items() if k != "c"}
+  g["big"] = jnp.asarray(np.random.default_rng(1).normal(size=(40, 300)) * 50,
+                         dtype)
+  if bad is not None:
+    g["w"] = g["w"].at[2, 3].set(bad)
+  tx = gt.monitor(per_leaf=True, layer_axes={"s": 0})
+  default = jax.jit(tx.update)(g, tx.init(g))[1]
+  _tpu_norms(monkeypatch)  # new transforms: jit caches the traces above
+  tx = gt.monitor(per_leaf=True, layer_axes={"s": 0})
+  tpu = jax.jit(tx.update)(g, tx.init(g))[1]
+  det = gt.detect_spikes()
+  det_norm = gt.metrics(jax.jit(det.update)(g, det.init(g))[1])
+  want = {k: np.sqrt((np.asarray(x, np.float64) ** 2).reshape(
+      x.shape[0], -1).sum(1)) if k == "s" else
+      np.sqrt((np.asarray(x, np.float64) ** 2).sum()) for k, x in g.items()}
+  got = tpu.leaf_norm
+  flat = np.concatenate([np.atleast_1d(want[k]) for k in sorted(g)])
+  if dtype == jnp.bfloat16:
+    np.testing.assert_allclose(np.asarray(got.values), flat, rtol=2 ** -7)
+    assert not np.array_equal(np.asarray(got.values),  # the TPU form ran
+                              np.asarray(default.leaf_norm.values))
+  else:
+    np.testing.assert_array_equal(np.asarray(got.values),
+                                  np.asarray(default.leaf_norm.values))
+  total = np.sqrt(np.sum(flat ** 2))
+  np.testing.assert_allclose(float(tpu.norm), total, rtol=2 ** -7)
+  key = [k for k in det_norm if k.endswith("norm")][0]
+  np.testing.assert_allclose(float(det_norm[key]), total, rtol=2 ** -7)
+  assert np.isfinite(float(tpu.norm)) == (bad is None)
