@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradtransforms import _layout
+from gradtransforms import _layout, _xla
 
 F32 = jnp.float32
 
@@ -105,7 +105,7 @@ def global_norm(tree: Any, axis_name: str | None = None) -> jax.Array:
   if not leaves:
     return jnp.zeros((), F32)
   sq = _psum(jnp.stack([sumsq(x) for x in leaves]), axis_name)
-  return jnp.sqrt(jnp.sum(sq))
+  return jnp.sqrt(jnp.sum(_xla.kept(sq)))
 
 
 def clip_scale(norm: jax.Array, max_norm: Any, eps: float = 0.0) -> jax.Array:

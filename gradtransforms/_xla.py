@@ -174,6 +174,16 @@ def read_once(state: Any) -> tuple[Any, Any]:
   return jax.tree.unflatten(tree, new_leaves), restore
 
 
+def kept(v: jax.Array) -> jax.Array:
+  """A vector of per-leaf figures that XLA:CPU reduces as one: behind a
+  barrier there, its algebraic simplifier no longer splits the reduction
+  into a chain of N scalar ops, which XLA:CPU's fusion pass builds in
+  O(N^2) (clip_by_value at 1,000 leaves: 11x Adam's compile time; a join
+  of 1,600 figures: 10.9 s against 1.7). GPU/TPU: ``v`` itself."""
+  return lax.platform_dependent(v, cpu=lax.optimization_barrier,
+                                default=lambda x: x)
+
+
 def zero_sum(x: jax.Array) -> jax.Array:
   """``sum(x - x)`` in float32 or wider: 0 if every entry of ``x`` is
   finite, else NaN (see :func:`all_finite`)."""

@@ -222,7 +222,7 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
         leaves, treedef.flatten_up_to(state.adam.mu),
         treedef.flatten_up_to(state.adam.nu), w_leaves)]
     u, mu, nu, excess = (list(x) for x in zip(*outs)) if outs else ([],) * 4
-    max_excess = jnp.max(jnp.stack(excess + [jnp.full((), -jnp.inf)]))
+    max_excess = jnp.max(_xla.kept(jnp.stack(excess + [jnp.full((), -jnp.inf)])))
     unf = lambda xs: jax.tree.unflatten(treedef, xs)
     return unf(u), SpamState(
         step=_stats.inc(state.step), resets=sc.resets, max_excess=max_excess,

@@ -12,6 +12,7 @@ import optax
 from gradtransforms import _checks
 from gradtransforms import _norms
 from gradtransforms import _stats
+from gradtransforms import _xla
 from gradtransforms._registry import register
 
 
@@ -176,9 +177,9 @@ def spike_clip(threshold: float = 5000.0, decay: float = 0.999, *,
     bound = jax.tree.map(functools.partial(_new_bound, sc, b2), updates,
                          state.bound)
     leaves, b_leaves = jax.tree.leaves(updates), jax.tree.leaves(bound)
-    excess = jnp.max(jnp.stack(
+    excess = jnp.max(_xla.kept(jnp.stack(
         [_leaf_excess(g, b) for g, b in zip(leaves, b_leaves) if g.size]
-        or [jnp.full((), -jnp.inf)]))
+        or [jnp.full((), -jnp.inf)])))
     if axis_name is not None:
       excess = jax.lax.pmax(excess, axis_name)
     excess = jnp.where(active, excess, -jnp.inf)
