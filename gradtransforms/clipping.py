@@ -126,9 +126,9 @@ def _clip_per_leaf(updates, stored: PerLeaf, bound, layer_axes, axis_name,
 def _peak_per_leaf(leaves):
   """``max |u|`` over all leaves as max(u) and -min(u) per leaf: XLA:CPU
   reduces those 2x faster than ``|u|``."""
-  return jnp.max(_xla.kept(jnp.stack([
-      jnp.maximum(jnp.max(u), -jnp.min(u)).astype(jnp.float32)
-      for u in leaves] or [jnp.zeros(())])))
+  return jnp.max(_xla.kept(jnp.stack(
+      [jnp.max(u).astype(jnp.float32) for u in leaves]
+      + [-jnp.min(u).astype(jnp.float32) for u in leaves] or [jnp.zeros(())])))
 
 
 def _peak_by_rows(leaves):
