@@ -8,24 +8,19 @@ snapshot costs what ``gt.guard(inner)`` costs plus one read of the
 snapshot's params (``where(r, s - p, u)``, fused into the caller's
 ``apply_updates``); the rare work is one ``while_loop`` of 0 or 1 trips,
 one kernel (on GPU a host sync) that copies nothing (how:
-``_snapshot.py``). H100, ``rewind(guard(adam))`` against ``guard(adam)``
-(measured after the guard's fused output check): 29 + 2.75 kernels per leaf
-against 13 + 3 (304 against 313 at 100 leaves; ``apply_if_finite`` 304),
-DRAM bytes 1.57x Adam's against 1.43x (+0.14: the snapshot read). TPU v5e:
-10 + 2 per leaf against 6 + 2 (210 against 206 at 100 leaves; 201). A
-trip of the loop (a window's end, a snapshot written or restored) moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params
-in temporaries, as the guard. Before (3 loops, one around u): 122 / 170 /
-676 kernels (H100), 41 / 73 / 409 (TPU), 2.0x and 2.1x Adam's bytes (6.3x
-and 6.4x as a loop's carry was counted then), 2.7x in temporaries on CPU.
+``_snapshot.py``). 100 leaves, ``rewind(guard(adam))`` against
+``guard(adam)``: H100 229 kernels (its scalars read once, ``_xla.read_once``;
+327 before) against 315 (``apply_if_finite`` 306), TPU v5e 210 against 206
+(201); DRAM bytes 1.57x Adam's against 1.43x (+0.14: the snapshot read). A
+loop trip moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params in
+temporaries, as the guard (3 loops before: 676 kernels on the H100).
 
 ``offload=True``: the snapshot's arrays of 4,096 elements or more live in
 host memory (``pinned_host``) on GPU/TPU and move inside the loop only, on
 the steps that write or restore it; the update is restored in a second loop
-(a fused kernel cannot read host memory): it is materialised, and on GPU a
-second host sync a step (8 leaves: 78 kernels and 2.0x Adam's bytes on the
-H100, 43 and 2.0x on the TPU; 24-layer leaves on the TPU: 53 and 2.9x,
-relayout copies). On a CPU (the arrays on it, or traced with it the default
-backend) it is a no-op.
+(a fused kernel cannot read host memory), materialised, on GPU a second host
+sync a step (8 leaves: 2.0x Adam's bytes on H100 and TPU). On a CPU (the
+arrays on it, or traced with it the default backend) it is a no-op.
 """
 
 from __future__ import annotations
@@ -185,9 +180,14 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
     if patience is not None and loss is None:
       raise ValueError("rewind(patience=...) needs the loss: call "
                        "update(grads, state, params, value=loss)")
+    trees = dict.fromkeys(("snapshot", "snapshot_inner", "inner_state"))
+    own, restore = _xla.read_once(state._replace(**trees))  # GPU: own scalars
+    state = own._replace(**{k: getattr(state, k) for k in trees})
     pre = _pending(cfg, state, params)
     u, inner_state = inner.update(updates, pre["inner"], params, **extra)
-    return _step(cfg, state, pre, params, u, inner_state, loss)
+    u, new = _step(cfg, state, pre, params, u, inner_state, loss)
+    return u, restore(new._replace(**trees))._replace(
+        **{k: getattr(new, k) for k in trees})
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -106,7 +106,8 @@ def test_gpu_form_of_the_default_guard_equals_the_cpu_form(case, monkeypatch):
   np.testing.assert_allclose(float(got[1].norm), float(ref[1].norm), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["monitor", "detect_spikes", "guard_spike"])
+@pytest.mark.parametrize("name", ["monitor", "detect_spikes", "guard_spike",
+                                  "rewind"])
 def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
   """``_xla.read_once`` (GPU: the old scalars read as one stacked vector)
   changes no figure: states after good, NaN and spiking steps are equal to
@@ -116,7 +117,10 @@ def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
                                                optax.sgd(0.1)),
           "guard_spike": lambda: gt.guard(  # the fused output check has its own test
               optax.adam(0.1), on="spike", check="gradients", warmup_steps=2,
-              max_consecutive_errors=2)}[name]
+              max_consecutive_errors=2),
+          "rewind": lambda: gt.rewind(gt.guard(  # windows close, it rewinds
+              optax.adam(0.1), on="spike", check="gradients", warmup_steps=2,
+              max_consecutive_errors=1), every=2)}[name]
   p = {"a": jnp.ones(3), "b": jnp.ones((2, 3))}
   seq = [jax.tree.map(lambda x, k=k: x * (0.1 + 0.05 * k), p) for k in range(4)]
   seq.insert(2, {"a": jnp.asarray([0.1, jnp.nan, 0.1]), "b": jnp.ones((2, 3))})
