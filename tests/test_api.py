@@ -169,7 +169,7 @@ def test_compiles_in_linear_size(name):
   the guard's rollback tied every leaf to every update (minutes and 20+
   GB to compile 500 leaves); rewind's finiteness flag, a chain of N
   reductions, was copied by XLA:CPU into each of its N selects (6.0x here;
-  275 s to compile 500 leaves, 18 s now)."""
+  275 s to compile 500 leaves, about 20 s now)."""
   def instructions(n):
     params = {f"l{i:03d}": jnp.full((4, 4), float(i)) for i in range(n)}
     tx = ALL[name].build(optax.adam(1e-3))
