@@ -1,4 +1,5 @@
-"""Argument and trace-time checks of :func:`gradtransforms.guard`."""
+"""Argument and trace-time checks of :func:`gradtransforms.guard`, and its
+triggers (:func:`_fired`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import sys
 import warnings
 from typing import Any
 
-from gradtransforms import _checks, _spikes
+import jax
+import jax.numpy as jnp
+
+from gradtransforms import _checks, _events, _spikes
 
 TRIGGERS = ("nonfinite", "spike", "loss_spike", "layer_spike", "norm_sigma")
 ACTIONS = ("skip", "zero", "rescale")
@@ -71,10 +75,13 @@ def _check_mode(check: Any, check_updates: Any) -> str:
   return check
 
 
-def _configure(on, action, max_consecutive_errors, reset_inner_state, check,
-               check_updates, norm_sigma, layer_z_thresh, rule):
+def _configure(inner, on_event, on, action, max_consecutive_errors,
+               reset_inner_state, check, check_updates, norm_sigma,
+               layer_z_thresh, rule):
   """Checks guard's arguments; returns the triggers, the checked
   arguments and the spike rules' kwargs (``rule``: the detector's own)."""
+  _check_inner(inner)
+  _events.check_hook(on_event)
   triggers = _triggers(on)
   _checks.one_of("action", action, ACTIONS)
   if max_consecutive_errors is not None:
@@ -105,3 +112,22 @@ def _entry_checks(updates, params, extra, reset_inner_state, triggers):
     raise ValueError('guard(on="loss_spike") needs the loss: call '
                      "update(grads, state, params, value=loss)")
   return loss
+
+
+def _check_inner(inner: Any) -> None:
+  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+    hint = (" (a factory such as optax.adam was given: call it, e.g. "
+            "optax.adam(1e-3))" if callable(inner) else "")
+    raise TypeError("inner must be an optax.GradientTransformation, got "
+                    f"{inner!r}{hint}")
+
+
+def _fired(det: Any, triggers: tuple) -> jax.Array:
+  """Whether any spike rule listed in ``triggers`` fired on this step."""
+  spike = jnp.zeros((), jnp.bool_)
+  for t, flag in (("spike", det.norm_spike), ("loss_spike", det.loss_spike),
+                  ("layer_spike", det.layer_spike),
+                  ("norm_sigma", det.sigma_spike)):
+    if t in triggers:
+      spike = spike | flag
+  return spike

@@ -1,5 +1,7 @@
-"""The guard's check of an optimizer's output, fused with the gradients'
-norms on GPU/TPU: :func:`sums_with_output_check`."""
+"""The guard's step: an optimizer's step, skipped on a bad gradient or a
+non-finite output, in the form each platform runs fastest
+(:func:`guarded_step`), and the output check fused with the gradients'
+norms on GPU/TPU (:func:`sums_with_output_check`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradtransforms import _norms, _xla
+from gradtransforms import _in_place, _norms, _xla
 
 
 def _sums_and_finite_rows(leaves, lay_axes, probe, axis_name):
@@ -58,7 +60,7 @@ def sums_with_output_check(leaves: list, lay: Any, probe: Any,
   again rather than keeping the real step's update) is all finite: one pass
   over what the optimizer reads, fused with the gradients' sums, and no
   update-sized buffer written. On CPU ``out_ok`` is True and the caller
-  checks the output itself (``_xla.guarded_cond``)."""
+  checks the output itself (:func:`guarded_in_place`)."""
   def accel(form):
     def run(state):
       out = jax.tree.leaves(probe(lax.optimization_barrier(state)))
@@ -73,3 +75,84 @@ def sums_with_output_check(leaves: list, lay: Any, probe: Any,
                                 cuda=accel(_sums_and_finite_rows),
                                 rocm=accel(_sums_and_finite_rows),
                                 default=accel(_sums_and_finite_plain))
+
+
+def guarded_step(pre_skip: jax.Array, run: Any, grads: Any, old_state: Any,
+                 params: Any, check_output: bool, axis_name: str | None = None,
+                 out_ok: jax.Array | None = None, kept: Any = None
+                 ) -> tuple[Any, Any, jax.Array]:
+  """``run(grads, old_state, params) -> (updates, new_state)`` unless the
+  step is skipped; returns ``(updates, state, output_bad)``. The arrays go
+  in as operands, never as closures (a closed-over NumPy array would become
+  a constant that XLA folds with other rounding).
+
+  The step is skipped if ``pre_skip`` (decided from the gradient) or, with
+  ``check_output``, if ``run``'s updates hold an Inf or NaN: then the
+  updates are ``-0.0`` and the state is ``old_state``, or ``kept(skip)``
+  where given (the guard's reset to a fresh state). Same numbers on
+  every platform: :func:`guarded_in_place` on CPU, :func:`guarded_where`
+  elsewhere (``jax.lax.platform_dependent``, decided at lowering).
+  """
+  return lax.platform_dependent(
+      pre_skip, grads, old_state, params,
+      cpu=lambda k, g, s, p: guarded_in_place(run, k, g, s, p, check_output,
+                                              axis_name, kept),
+      default=lambda k, g, s, p: guarded_where(run, k, g, s, p, check_output,
+                                               axis_name, out_ok, kept))
+
+
+def guarded_where(run, pre_skip, grads, old_state, params, check_output,
+                  axis_name=None, out_ok=None, kept=None):
+  """:func:`guarded_step` as selects (GPU/TPU: no branch, no host sync).
+  The output's finiteness is ``out_ok`` when the caller computed it
+  (:func:`sums_with_output_check`: a second computation of the output,
+  reduced, never written), else a reduction of the real update."""
+  updates, new_state = run(grads, old_state, params)
+  out_bad = jnp.zeros((), jnp.bool_)
+  if check_output:
+    ok = _xla.all_finite(updates, axis_name) if out_ok is None else out_ok
+    out_bad = ~pre_skip & ~ok
+  skip = pre_skip | out_bad
+  keep = old_state if kept is None else kept(skip)
+  updates, state = _xla.rollback_plain(skip, updates, keep, new_state)
+  return updates, state, out_bad
+
+
+def guarded_in_place(run, pre_skip, grads, old_state, params, check_output,
+                     axis_name=None, kept=None):
+  """:func:`guarded_step` for XLA:CPU, with no update-sized temporary: the
+  step is taken with its skip selected in place (``_in_place.step``:
+  the new state written over the old, the update fused into the caller's
+  ``apply_updates``). With ``check_output`` the decision also needs the
+  output's finiteness first: a ``lax.cond`` on the gradient's verdict
+  computes the output once more and reduces it without writing it (a
+  second read of what ``run`` reads; in its own computation it is not
+  merged with the real step, whose broadcasts and squares XLA:CPU then
+  materialised: 3-4 parameter-sized temporaries; its one temporary is the
+  ``isfinite`` mask, a byte per entry). Guarded Adam at 20M
+  parameters: 1.8x Adam's step, against 2.2-2.5x for a ``lax.cond`` that
+  writes the update (``check="gradients"``: 1.2x, against 2.2x)."""
+  out_bad = jnp.zeros((), jnp.bool_)
+  if check_output:
+    def probe(g, s, p):
+      out = jax.tree.leaves(run(g, s, p)[0])
+      # XLA:CPU writes each leaf's isfinite mask (a byte per entry) before
+      # reducing it (a float32 reduction here materialised the output
+      # itself). Chained, leaf i's mask waits for leaf i-1's verdict and the
+      # masks share one leaf-sized buffer instead of adding up; the verdict
+      # is passed on as a NaN, not by an ``&`` (XLA fused the chain of ands
+      # into every leaf's loop: a program quadratic in the leaves).
+      ok = jnp.ones((), jnp.bool_)
+      for u in out:
+        if u.size and jnp.issubdtype(u.dtype, jnp.inexact):
+          ok = jnp.all(jnp.isfinite(jnp.where(ok, u, jnp.nan)))
+      return ok
+    ok = lax.cond(~pre_skip, probe, lambda *_: jnp.ones((), jnp.bool_),
+                  grads, old_state, params)
+    if axis_name is not None:
+      ok = lax.psum((~ok).astype(jnp.int32), axis_name) == 0
+    out_bad = ~pre_skip & ~ok
+  skip = pre_skip | out_bad
+  updates, state = _in_place.step(run, skip, grads, old_state, params,
+                                  None if kept is None else kept(skip))
+  return _xla._skip_updates(skip, updates), state, out_bad

@@ -12,8 +12,8 @@ one kernel (on GPU a host sync) that copies nothing (how:
 ``guard(adam)``: H100 229 kernels (its scalars read once, ``_xla.read_once``;
 327 before) against 315 (``apply_if_finite`` 306), TPU v5e 210 against 206
 (201); DRAM bytes 1.57x Adam's against 1.43x (+0.14: the snapshot read). A
-loop trip moves 2.3x Adam's bytes more. XLA:CPU: 1.0x the params in
-temporaries, as the guard (3 loops before: 676 kernels on the H100).
+loop trip moves 2.3x Adam's bytes more. XLA:CPU: as the guard, one leaf's
+``isfinite`` mask in temporaries (3 loops before: 676 kernels on the H100).
 
 ``offload=True``: the snapshot's arrays of 4,096 elements or more live in
 host memory (``pinned_host``) on GPU/TPU and move inside the loop only, on

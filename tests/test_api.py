@@ -125,7 +125,10 @@ def test_inject_hyperparams_with_static_and_string_arguments():
 # no timing). Each one is a write and a read, and on CPU a freshly
 # page-faulted allocation every step: the main cost of a clip, if any.
 EXTRA_BUFFERS = {
-    "guard": 1.0,  # the update, materialised so it can be rolled back
+    # one leaf's isfinite mask of the output check, a byte per entry: a
+    # quarter of the largest leaf, 0.08 here (the step itself is taken in
+    # place: _in_place.step); the update, before (1.0)
+    "guard": 0.08,
     # the update (its reduction and apply_updates both read it); and where
     # leaves share a shape, XLA:CPU shares and materialises the scalar
     # broadcasts of its reduction (the learning rate's among them): ~1 more.
@@ -134,9 +137,9 @@ EXTRA_BUFFERS = {
     # XLA:CPU copies v for leaves sharing a shape and materialises the
     # reduction's shared scalar broadcasts (none for leaves of unique shape)
     "spam": 1.0,
-    # its guard's update (rewind's rare work copies nothing: see
+    # its guard's (rewind's rare work copies nothing: see
     # gradtransforms/_snapshot.py)
-    "rewind": 1.0,
+    "rewind": 0.08,
 }
 
 

@@ -358,8 +358,8 @@ def test_guard_check_argument_and_its_deprecated_alias():
 @pytest.mark.parametrize("check", [True, False])
 @pytest.mark.parametrize("pre_skip", [True, False])
 @pytest.mark.parametrize("grad", [0.0, 0.5])  # 0.0: eps=0 makes the output NaN
-def test_guarded_step_cond_and_where_forms_are_bit_identical(check, pre_skip, grad):
-  from gradtransforms import _xla
+def test_guarded_step_in_place_and_where_forms_are_bit_identical(check, pre_skip, grad):
+  from gradtransforms import _output_check
   inner = optax.adam(0.1, eps=0.0)
   p = {"a": jnp.asarray([1.0, -0.0, 2.0]), "b": jnp.ones((2, 2))}
   g = jax.tree.map(lambda x: jnp.full_like(x, grad), p)
@@ -370,8 +370,8 @@ def test_guarded_step_cond_and_where_forms_are_bit_identical(check, pre_skip, gr
     return inner.update(gr, st, pa)
   outs = [jax.jit(lambda s, g, o, p, f=f: f(run, s, g, o, p, check))(
       jnp.asarray(pre_skip), g, old, p)
-          for f in (_xla.guarded_cond, _xla.guarded_where)]
-  outs.append(jax.jit(lambda s, g, o, p: _xla.guarded_step(s, run, g, o, p, check))(
+          for f in (_output_check.guarded_in_place, _output_check.guarded_where)]
+  outs.append(jax.jit(lambda s, g, o, p: _output_check.guarded_step(s, run, g, o, p, check))(
       jnp.asarray(pre_skip), g, old, p))
   _bit_equal(outs[0], outs[1])
   _bit_equal(outs[0], outs[2])

@@ -141,6 +141,48 @@ def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("action", ["skip", "zero", "rescale"])
+@pytest.mark.parametrize("check", ["updates", "gradients"])
+def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, monkeypatch):
+  """The CPU form (the output checked in a ``lax.cond``, the step taken in
+  place: ``_in_place.step``, the reset to a fresh inner state selected
+  there too) against the GPU form (selects after ``inner``): params, every
+  state leaf and the flags bit for bit, through a spike, two NaN steps in a
+  row (``max_consecutive_errors=2`` resets Adam) and an Adam whose output is
+  NaN from a finite zero gradient (``eps=0``)."""
+  p = {"a": jnp.ones(3), "b": jnp.ones((2, 3)), "e": jnp.zeros((0,))}
+  seq = [jax.tree.map(lambda x, k=k: x * (0.1 + 0.05 * k), p) for k in range(4)]
+  nan = {"a": jnp.asarray([0.1, jnp.nan, 0.1]), "b": jnp.ones((2, 3)),
+         "e": jnp.zeros((0,))}
+  seq += [jax.tree.map(lambda x: x * 1e4, p), nan, nan,
+          jax.tree.map(jnp.zeros_like, p), seq[1]]
+
+  def make():
+    return gt.guard(optax.adam(0.1, eps=0.0), on="spike", action=action,
+                    check=check, warmup_steps=2, max_consecutive_errors=2,
+                    reset_inner_state=True)
+
+  def run():
+    tx, out = make(), []
+    s, params = tx.init(p), p
+    step = jax.jit(tx.update)
+    for g in seq:
+      u, s = step(g, s, params)
+      params = optax.apply_updates(params, u)
+      out.append((params, s))
+    return out
+  ref = run()
+  assert int(ref[-1][1].resets) >= 1 and int(ref[-1][1].skipped) >= 2
+  _cuda_forms(monkeypatch)
+  for (p_a, s_a), (p_b, s_b) in zip(ref, run(), strict=True):
+    exact = (p_a, s_a._replace(detector=None)), (p_b, s_b._replace(detector=None))
+    for x, y in zip(*map(jax.tree.leaves, exact), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # the GPU form's fused sums of squares add in another order
+    for x, y in zip(*map(jax.tree.leaves, (s_a.detector, s_b.detector)), strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5)
+
+
 def _tpu_norms(monkeypatch):
   """``_norms`` ' ``platform_dependent`` takes its TPU branch."""
   def pick(*args, default=None, **platforms):
