@@ -1,12 +1,12 @@
 """Scheduling tricks for XLA, and fresh state buffers.
 
-``detach`` and ``rollback``'s ordering tie exist for XLA:CPU, where they
-avoid single-threaded multi-output loops and copies of the inner optimizer
-state into freshly page-faulted buffers. On GPU/TPU they bought nothing
-(measured on an H100) and a plain ``where`` rollback is fastest, so each
+``detach``, ``after`` and ``kept`` exist for XLA:CPU, where they avoid
+single-threaded multi-output loops, copies of state into freshly
+page-faulted buffers and joins compiled in O(N^2); ``read_once`` for
+XLA:GPU. Elsewhere they bought nothing (measured on an H100), so each
 picks its form per platform with ``jax.lax.platform_dependent`` (decided
-when the step is lowered, no run-time branch); ``tests/test_xla.py`` checks
-on CPU that both forms give bit-identical results.
+when the step is lowered, no run-time branch). Undoing a step: a plain
+``where`` (:func:`rollback_plain`) on GPU/TPU; on CPU ``_in_place.step``.
 """
 
 from __future__ import annotations
@@ -32,19 +32,6 @@ def detach(updates: Any, figures: Any) -> tuple[Any, Any]:
       default=lambda u, f: (u, f))
 
 
-def rollback(skip: jax.Array, updates: Any, old_state: Any, new_state: Any
-             ) -> tuple[Any, Any]:
-  """``(where(skip, -0.0, updates), where(skip, old_state, new_state))``.
-
-  For wrappers that undo an inner optimizer's step. ``-0.0`` keeps every
-  parameter bit-identical under ``apply_updates``, ``-0.0`` parameters
-  included. The form depends on the platform (same numbers):
-  :func:`rollback_tied` on CPU, :func:`rollback_plain` elsewhere.
-  """
-  return lax.platform_dependent(skip, updates, old_state, new_state,
-                                cpu=rollback_tied, default=rollback_plain)
-
-
 def _skip_updates(skip: jax.Array, updates: Any) -> Any:
   return jax.tree.map(
       lambda u: jnp.where(skip, jnp.asarray(-0.0, u.dtype), u), updates)
@@ -52,44 +39,13 @@ def _skip_updates(skip: jax.Array, updates: Any) -> Any:
 
 def rollback_plain(skip: jax.Array, updates: Any, old_state: Any,
                    new_state: Any) -> tuple[Any, Any]:
-  """:func:`rollback` as two plain selects: the fastest form on GPU."""
+  """``(where(skip, -0.0, updates), where(skip, old_state, new_state))``:
+  undoing an inner optimizer's step on GPU/TPU, where these plain selects
+  are the fastest form. ``-0.0`` keeps every parameter bit-identical under
+  ``apply_updates``, ``-0.0`` parameters included. (On XLA:CPU the selects
+  belong where the new state is computed: ``_in_place.step``.)"""
   return _skip_updates(skip, updates), jax.tree.map(
       lambda a, b: jnp.where(skip, a, b), old_state, new_state)
-
-
-def rollback_tied(skip: jax.Array, updates: Any, old_state: Any,
-                  new_state: Any) -> tuple[Any, Any]:
-  """:func:`rollback` for XLA:CPU. Each state leaf's select
-  is made to depend on a value of the matching update leaf (a comparison
-  that is always false, which XLA cannot fold): for a state subtree shaped
-  like ``updates`` (Adam's ``mu``, ``nu``, ...) leaf ``i`` waits for update
-  ``i``. So the updates are computed before the new state overwrites the old
-  one in place. Otherwise XLA recomputes the updates from the old state
-  inside the caller's ``apply_updates`` and has to copy the whole old state
-  first: on CPU each copy is a fresh, page-faulted buffer (6x an Adam step
-  at 10M parameters; this way one update-sized buffer is written instead).
-  Tying every state leaf to every update leaf compiles in O(leaves^2) (XLA
-  fuses the tie into each select); an ``optimization_barrier`` does not
-  order anything (XLA removes barriers before it orders the copies).
-  """
-  updates = _skip_updates(skip, updates)
-  u_leaves, u_def = jax.tree.flatten(updates)
-  # never true, not even for NaN: only the dependency matters
-  ties = [skip | (u.reshape(-1)[0] > jnp.inf) if u.size else skip
-          for u in u_leaves]
-
-  def like_updates(x):
-    return jax.tree.structure(x) == u_def
-
-  def select(old, new):
-    if like_updates(old):
-      return jax.tree.unflatten(u_def, [
-          jnp.where(t, a, b) for t, a, b in
-          zip(ties, jax.tree.leaves(old), jax.tree.leaves(new))])
-    return jnp.where(skip, old, new)
-
-  return updates, jax.tree.map(select, old_state, new_state,
-                               is_leaf=like_updates)
 
 
 def fresh_state(init_fn):
