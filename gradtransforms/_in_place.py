@@ -72,18 +72,18 @@ def _eval(jaxpr: Any, consts: Any, args: Any, marks: dict, pick: Callable
 
 
 def step(run: Callable, skip: jax.Array, grads: Any, state: Any,
-         params: Any, kept: Any = None) -> tuple[Any, Any]:
-  """``(updates, where(skip, kept, new_state))`` of
+         params: Any, skip_state: Any = None) -> tuple[Any, Any]:
+  """``(updates, where(skip, skip_state, new_state))`` of
   ``run(grads, state, params) -> (updates, new_state)``, each state leaf
-  selected where it is computed (see the module docstring); ``kept``, the
-  state of a skipped step, is ``state`` by default. ``updates`` must be
+  selected where it is computed (see the module docstring); ``skip_state``,
+  the state of a skipped step, is ``state`` by default. ``updates`` must be
   discarded where ``skip`` is True. A new state whose tree differs from
   ``state``'s raises a ``ValueError``."""
   flat, tree = jax.tree.flatten((grads, state, params))
   closed, shapes = jax.make_jaxpr(
       lambda *xs: run(*jax.tree.unflatten(tree, xs)), return_shape=True)(*flat)
-  same = kept is None
-  old = jax.tree.leaves(state if same else kept)
+  same = skip_state is None
+  old = jax.tree.leaves(state if same else skip_state)
   new_def: Any = jax.tree.structure(shapes[1])
   if new_def != jax.tree.structure(state):
     raise ValueError("the optimizer's new state has another tree than its "

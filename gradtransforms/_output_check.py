@@ -79,7 +79,7 @@ def sums_with_output_check(leaves: list, lay: Any, probe: Any,
 
 def guarded_step(pre_skip: jax.Array, run: Any, grads: Any, old_state: Any,
                  params: Any, check_output: bool, axis_name: str | None = None,
-                 out_ok: jax.Array | None = None, kept: Any = None
+                 out_ok: jax.Array | None = None, skip_state: Any = None
                  ) -> tuple[Any, Any, jax.Array]:
   """``run(grads, old_state, params) -> (updates, new_state)`` unless the
   step is skipped; returns ``(updates, state, output_bad)``. The arrays go
@@ -88,7 +88,7 @@ def guarded_step(pre_skip: jax.Array, run: Any, grads: Any, old_state: Any,
 
   The step is skipped if ``pre_skip`` (decided from the gradient) or, with
   ``check_output``, if ``run``'s updates hold an Inf or NaN: then the
-  updates are ``-0.0`` and the state is ``old_state``, or ``kept(skip)``
+  updates are ``-0.0`` and the state is ``old_state``, or ``skip_state(skip)``
   where given (the guard's reset to a fresh state). Same numbers on
   every platform: :func:`guarded_in_place` on CPU, :func:`guarded_where`
   elsewhere (``jax.lax.platform_dependent``, decided at lowering).
@@ -96,13 +96,13 @@ def guarded_step(pre_skip: jax.Array, run: Any, grads: Any, old_state: Any,
   return lax.platform_dependent(
       pre_skip, grads, old_state, params,
       cpu=lambda k, g, s, p: guarded_in_place(run, k, g, s, p, check_output,
-                                              axis_name, kept),
+                                              axis_name, skip_state),
       default=lambda k, g, s, p: guarded_where(run, k, g, s, p, check_output,
-                                               axis_name, out_ok, kept))
+                                               axis_name, out_ok, skip_state))
 
 
 def guarded_where(run, pre_skip, grads, old_state, params, check_output,
-                  axis_name=None, out_ok=None, kept=None):
+                  axis_name=None, out_ok=None, skip_state=None):
   """:func:`guarded_step` as selects (GPU/TPU: no branch, no host sync).
   The output's finiteness is ``out_ok`` when the caller computed it
   (:func:`sums_with_output_check`: a second computation of the output,
@@ -113,13 +113,13 @@ def guarded_where(run, pre_skip, grads, old_state, params, check_output,
     ok = _xla.all_finite(updates, axis_name) if out_ok is None else out_ok
     out_bad = ~pre_skip & ~ok
   skip = pre_skip | out_bad
-  keep = old_state if kept is None else kept(skip)
+  keep = old_state if skip_state is None else skip_state(skip)
   updates, state = _xla.rollback_plain(skip, updates, keep, new_state)
   return updates, state, out_bad
 
 
 def guarded_in_place(run, pre_skip, grads, old_state, params, check_output,
-                     axis_name=None, kept=None):
+                     axis_name=None, skip_state=None):
   """:func:`guarded_step` for XLA:CPU, with no update-sized temporary: the
   step is taken with its skip selected in place (``_in_place.step``:
   the new state written over the old, the update fused into the caller's
@@ -154,5 +154,5 @@ def guarded_in_place(run, pre_skip, grads, old_state, params, check_output,
     out_bad = ~pre_skip & ~ok
   skip = pre_skip | out_bad
   updates, state = _in_place.step(run, skip, grads, old_state, params,
-                                  None if kept is None else kept(skip))
-  return _xla._skip_updates(skip, updates), state, out_bad
+                                  None if skip_state is None else skip_state(skip))
+  return _xla.skip_updates(skip, updates), state, out_bad

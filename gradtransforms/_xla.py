@@ -32,7 +32,8 @@ def detach(updates: Any, figures: Any) -> tuple[Any, Any]:
       default=lambda u, f: (u, f))
 
 
-def _skip_updates(skip: jax.Array, updates: Any) -> Any:
+def skip_updates(skip: jax.Array, updates: Any) -> Any:
+  """``where(skip, -0.0, updates)``: the update of a skipped step."""
   return jax.tree.map(
       lambda u: jnp.where(skip, jnp.asarray(-0.0, u.dtype), u), updates)
 
@@ -44,7 +45,7 @@ def rollback_plain(skip: jax.Array, updates: Any, old_state: Any,
   are the fastest form. ``-0.0`` keeps every parameter bit-identical under
   ``apply_updates``, ``-0.0`` parameters included. (On XLA:CPU the selects
   belong where the new state is computed: ``_in_place.step``.)"""
-  return _skip_updates(skip, updates), jax.tree.map(
+  return skip_updates(skip, updates), jax.tree.map(
       lambda a, b: jnp.where(skip, a, b), old_state, new_state)
 
 

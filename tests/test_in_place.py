@@ -44,7 +44,7 @@ def _steps(tx):
   @jax.jit
   def in_place(skip, g, s, p):
     u, s = _in_place.step(run, skip, g, s, p)
-    return _xla._skip_updates(skip, u), s
+    return _xla.skip_updates(skip, u), s
 
   @jax.jit
   def plain(skip, g, s, p):
@@ -101,7 +101,7 @@ def test_low_precision_state_keeps_its_dtype_and_bits(dtype):
     assert all(x.dtype == dtype for x in jax.tree.leaves(a[0]))
 
 
-def test_kept_is_the_state_of_a_skipped_step():
+def test_skip_state_is_the_state_of_a_skipped_step():
   tx = optax.adam(0.1)
   p = _params()
   s = tx.init(p)
@@ -168,7 +168,7 @@ def test_no_update_sized_temporary_on_cpu():
 
   def in_place(p, s, g, skip):
     u, s = _in_place.step(run, skip, g, s, p)
-    return optax.apply_updates(p, _xla._skip_updates(skip, u)), s
+    return optax.apply_updates(p, _xla.skip_updates(skip, u)), s
 
   def plain(p, s, g, skip):
     u, new = run(g, s, p)
