@@ -32,7 +32,9 @@ from gradtransforms._registry import register
           {"threshold": "threshold", "clipped": "clipped"})
 class ClipByValueState(NamedTuple):
   """Last step: the largest ``|u|`` before clipping (NaN if the update held
-  a NaN) and the bound in force (``max_abs`` argument, injected or not)."""
+  a NaN, and always NaN unless ``record_peak=True``) and the bound in force
+  (``max_abs`` argument, injected or not). ``clipped``: ``max_abs >
+  threshold``, so False where the peak is not recorded."""
   max_abs: jax.Array
   threshold: jax.Array
 
@@ -124,11 +126,12 @@ def _clip_per_leaf(updates, stored: PerLeaf, bound, layer_axes, axis_name,
 
 
 def _peak_per_leaf(leaves):
-  """``max |u|`` over all leaves as max(u) and -min(u) per leaf: XLA:CPU
-  reduces those 2x faster than ``|u|``."""
+  """``max |u|`` over all leaves, one reduction per leaf (CPU, TPU). On
+  XLA:CPU ``max(u)`` and ``-min(u)`` are two passes: 1.38x an Adam step at
+  50M params in 100 leaves, against 1.23x for ``max |u|``."""
   return jnp.max(_xla.kept(jnp.stack(
-      [jnp.max(u).astype(jnp.float32) for u in leaves]
-      + [-jnp.min(u).astype(jnp.float32) for u in leaves] or [jnp.zeros(())])))
+      [jnp.max(jnp.abs(u)).astype(jnp.float32) for u in leaves]
+      or [jnp.zeros(())])))
 
 
 def _peak_by_rows(leaves):
@@ -143,18 +146,28 @@ def _peak_by_rows(leaves):
       jnp.concatenate(peaks or [jnp.zeros((1,))])))
 
 
-def clip_by_value(max_abs: float) -> optax.GradientTransformation:
+def clip_by_value(max_abs: float, *, record_peak: bool = False
+                  ) -> optax.GradientTransformation:
   """Clips every element to ``[-max_abs, max_abs]``.
 
-  ``u <- clip(u, -max_abs, max_abs)``; the same numbers as ``optax.clip``.
-  NaN stays NaN, +-Inf become +-max_abs.
+  ``u <- clip(u, -max_abs, max_abs)``; the same numbers as ``optax.clip``,
+  at its cost: XLA fuses the clip into the optimizer's own pass. NaN stays
+  NaN, +-Inf become +-max_abs.
 
-  State: :class:`ClipByValueState`: the pre-clip ``max |u|`` and the bound.
+  State: :class:`ClipByValueState`: the pre-clip ``max |u|`` (NaN unless
+  ``record_peak``) and the bound.
 
   Args:
     max_abs: the bound, >= 0.
+    record_peak: also record the pre-clip ``max |u|`` (and so ``clipped``).
+      Off by default because the figure would cost more than the clip on
+      XLA:CPU: a reduction is a pass of its own there (measured 1.23x an
+      Adam step at 50M params in 100 leaves, where the clip alone is 1.03x).
+      On an H100 or TPU it is fused into the optimizer's pass over the
+      gradients (H100: 106 kernels against Adam's 102, 1.002x its bytes).
   """
   _checks.bound("max_abs", max_abs)
+  record_peak = _checks.boolean("record_peak", record_peak)
 
   def _clip_leaf(u):
     if not jnp.issubdtype(u.dtype, jnp.floating):  # optax.clip's own form
@@ -171,10 +184,12 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del state, params
     _checks.ints_as_float("updates", updates)  # dtype check only
-    leaves = [u if jnp.issubdtype(u.dtype, jnp.floating) else
-              u.astype(jnp.float32) for u in jax.tree.leaves(updates) if u.size]
-    peak = jax.lax.platform_dependent(leaves, cpu=_peak_per_leaf,
-                                      tpu=_peak_per_leaf, default=_peak_by_rows)
+    peak = jnp.asarray(jnp.nan, jnp.float32)
+    if record_peak:
+      leaves = [u if jnp.issubdtype(u.dtype, jnp.floating) else
+                u.astype(jnp.float32) for u in jax.tree.leaves(updates) if u.size]
+      peak = jax.lax.platform_dependent(leaves, cpu=_peak_per_leaf,
+                                        tpu=_peak_per_leaf, default=_peak_by_rows)
     new = jax.tree.map(_clip_leaf, updates)
     return new, ClipByValueState(max_abs=peak,
                                  threshold=jnp.asarray(max_abs, jnp.float32))

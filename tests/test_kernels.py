@@ -256,3 +256,33 @@ def test_methods_sharing_a_reference_key_share_its_step():
       str(jax.make_jaxpr(budgets.adam_step(w).fn)(*budgets.adam_step(w).args)))
   assert all(len(v) == 1 for v in by_key.values())
   assert len(by_key) < len(CATALOGUE)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_clip_by_value_recorded_peak_is_fused_on_accelerators(platform):
+  """``clip_by_value(record_peak=True)`` records ``max |u|``; on an H100 or
+  TPU that reduction rides on the optimizer's pass over the gradients, so
+  it costs what ``optax.clip`` costs: kernels within 5% (per leaf and at
+  100 leaves) and Adam's bytes (floor: 0 reads, + 1%). On CPU the figure is
+  a pass of its own and off by default (tests/test_static.py)."""
+  reason = _available(platform)
+  if reason:
+    pytest.skip(reason)
+  import gradtransforms as gt
+  import optax
+
+  def line(tx):
+    k = [budgets.tx_step(tx, _per_leaf(n)).compile(platform).kernels
+         for n in (SMALL, LARGE)]
+    slope = (k[1] - k[0]) / (LARGE - SMALL)
+    return slope, k[0] - SMALL * slope
+  ours = optax.chain(gt.clip_by_value(1e-3, record_peak=True), budgets.adam())
+  ref = optax.chain(optax.clip(1e-3), budgets.adam())
+  (b, a), (rb, ra) = line(ours), line(ref)
+  assert b <= KERNEL_MARGIN * rb and (
+      a + TARGET_LEAVES * b <= KERNEL_MARGIN * (ra + TARGET_LEAVES * rb)), (
+      (a, b), (ra, rb))
+  w = _per_leaf(SMALL)
+  got = budgets.tx_step(ours, w).compile(platform).bytes
+  adam = _measure("adam", "clip_by_value", platform, w)[1]
+  assert got <= BYTES_MARGIN * adam, got / adam

@@ -200,8 +200,8 @@ def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform, layers):
     pytest.skip(compiled.unavailable(platform))
   n, per = (2, 91 * 90) if layers else (4, 255 * 254)
   w = budgets.Workload(n, n * max(layers, 1) * per, layers=layers)
-  guard = budgets._step(gt.guard(budgets.adam()), w).compile(platform)
-  got = budgets._step(gt.rewind(gt.guard(budgets.adam()), every=100), w
+  guard = budgets.tx_step(gt.guard(budgets.adam()), w).compile(platform)
+  got = budgets.tx_step(gt.rewind(gt.guard(budgets.adam()), every=100), w
                       ).compile(platform, keep_hlo=True)
   assert got.by_op.get("while") == 1
   # + the loop, + one per dtype of the packed scalars (the TPU unpacks each

@@ -69,10 +69,68 @@ def test_block_rms_matches_optax(tree, threshold):
   chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-7)
 
 
-def test_clip_by_value_matches_optax(tree):
-  ours, _ = run(gt.clip_by_value(0.7), tree)
+@pytest.mark.parametrize("record_peak", [False, True])
+def test_clip_by_value_matches_optax(tree, record_peak):
+  ours, state = run(gt.clip_by_value(0.7, record_peak=record_peak), tree)
   ref, _ = run(optax.clip(0.7), tree)
   chex.assert_trees_all_equal(ours, ref)
+  peak = max(np.abs(x).max() for x in np_leaves(tree))
+  if record_peak:
+    assert float(state.max_abs) == peak  # a max: exact
+    assert bool(state.clipped) == (peak > 0.7)
+  else:  # not recorded: NaN, and so never "clipped"
+    assert np.isnan(state.max_abs) and not bool(state.clipped)
+  assert float(state.threshold) == np.float32(0.7)
+
+
+def _peak_cases():
+  f32 = np.asarray([[0.5, -3.0, 2.0]], np.float32)
+  return {
+      "float32": ({"a": f32, "b": np.float32(-7.5), "c": np.zeros((2, 0))}, 7.5),
+      "float16": ({"a": f32.astype(np.float16)}, 3.0),
+      # -2.5e4 in bfloat16 is -24960
+      "bfloat16": ({"a": jnp.asarray([[1.5, -2.5e4]], jnp.bfloat16)}, 24960.0),
+      "int32": ({"a": np.asarray([4, -9], np.int32)}, 9.0),
+      "inf": ({"a": f32, "b": np.asarray([-np.inf, 1.0], np.float32)}, np.inf),
+      "nan": ({"a": f32, "b": np.asarray([np.nan, 1.0], np.float32)}, np.nan),
+      "empty": ({}, 0.0),
+      "zero-size": ({"z": np.zeros((0, 3), np.float32)}, 0.0),
+  }
+
+
+@pytest.mark.parametrize("form", ["host", "rows"])
+@pytest.mark.parametrize("case", list(_peak_cases()))
+def test_clip_by_value_records_the_pre_clip_peak(case, form, monkeypatch):
+  """``max |u|`` before the clip, in both platform forms (CPU/TPU: per
+  leaf; GPU: each leaf's rows, then one max), run here on CPU: a NaN entry
+  gives NaN, +-Inf gives inf; output as optax.clip's."""
+  tree, want = _peak_cases()[case]
+  if form == "rows":
+    def default_form(*args, default, **_):
+      return default(*args)
+    monkeypatch.setattr(jax.lax, "platform_dependent", default_form)
+  tx = gt.clip_by_value(2.0, record_peak=True)  # a fresh function
+  out, state = jax.jit(tx.update)(tree, tx.init(tree))
+  chex.assert_trees_all_equal(out, optax.clip(2.0).update(tree, None)[0])
+  assert state.max_abs.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(state.max_abs), np.float32(want))
+  assert bool(state.clipped) == (want > 2.0)
+
+
+def test_clip_by_value_costs_what_optax_clip_costs_on_cpu():
+  """Not recording the peak (the default), the step with Adam compiles to
+  the same XLA:CPU program as ``optax.clip`` + Adam: the clip is fused into
+  Adam's loops, no reduction of its own; only its state's two scalars are
+  written (a copy each). Recording adds a reduction per leaf."""
+  from gradtransforms.bench import budgets
+  w = budgets.Workload(6, 6 * 64 * 48)
+
+  def kernels(clip):
+    return budgets.tx_step(optax.chain(clip, budgets.adam()), w).compile(
+        "cpu").kernels
+  ref = kernels(optax.clip(1e-3))
+  assert kernels(gt.clip_by_value(1e-3)) == ref + 2
+  assert kernels(gt.clip_by_value(1e-3, record_peak=True)) >= ref + 2 + 6
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
@@ -189,6 +247,9 @@ def test_bad_arguments_raise_value_error(make, arg):
 def test_non_numeric_threshold_and_int_grads_raise_type_error():
   with pytest.raises(TypeError, match="max_norm"):
     gt.clip_by_global_norm("1.0")
+  for flag in ("yes", 1, None):
+    with pytest.raises(TypeError, match="record_peak"):
+      gt.clip_by_value(1.0, record_peak=flag)
   tx = gt.clip_by_global_norm(1.0)
   ints = {"a": jnp.ones((3,), jnp.int32)}
   with pytest.raises(TypeError, match="updates"):

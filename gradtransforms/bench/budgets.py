@@ -105,7 +105,9 @@ def record_norm() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: jnp.zeros(()), update_fn)
 
 
-def _step(tx, w: Workload, batch: bool = False) -> Step:
+def tx_step(tx, w: Workload, batch: bool = False) -> Step:
+  """``tx`` + ``apply_updates`` on ``w`` (a batch axis on the gradients
+  for a per-example method), as shapes only."""
   params = w.tree()
   grads = params if not batch else jax.tree.map(
       lambda s: jax.ShapeDtypeStruct((BATCH, *s.shape), s.dtype), params)
@@ -122,7 +124,7 @@ def method_step(name: str, w: Workload, config: str = "bench") -> Step:
   ``layer_axes=0`` on a stacked workload where the method takes it."""
   entry = CATALOGUE[name]
   kw = {"layer_axes": 0} if w.stacked and entry.layer_axes else {}
-  return _step(entry.build(adam(), config=config, **kw), w, entry.batch_axis)
+  return tx_step(entry.build(adam(), config=config, **kw), w, entry.batch_axis)
 
 
 def _per_example_reference() -> optax.GradientTransformation:
@@ -182,12 +184,12 @@ def reference_key(name: str) -> tuple[str, str | None]:
 def reference_step(name: str, w: Workload) -> Step:
   """The kernel reference of method ``name`` on ``w``."""
   kind = reference_kind(name)
-  return _step(reference_tx(kind, REFERENCE_OF.get(name, name)), w,
+  return tx_step(reference_tx(kind, REFERENCE_OF.get(name, name)), w,
                CATALOGUE[name].batch_axis)
 
 
 def adam_step(w: Workload) -> Step:
-  return _step(adam(), w)
+  return tx_step(adam(), w)
 
 
 def grad_bytes(w: Workload) -> int:
