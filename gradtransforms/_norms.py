@@ -94,6 +94,20 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   return parts
 
 
+def stacked_sums(parts: Sequence[jax.Array], lay: _layout.Layout) -> jax.Array:
+  """``parts`` (as :func:`leaf_sumsq` gives them) as one stacked vector that
+  its readers reduce as one: a global sum over it is then one reduction,
+  not one per leaf. With a layer axis, behind a barrier on every platform:
+  otherwise XLA splits ``sum(concatenate(parts))`` back into a reduction
+  of each leaf's ``(L,)`` vector, a kernel per leaf (monitor at 6 leaves
+  of 4 stacked layers: H100 25 -> 18 kernels, TPU 14 -> 9). Per leaf
+  (scalars, which XLA:GPU/TPU add in one fusion) :func:`_xla.kept`."""
+  v = _layout.stack(parts)
+  if any(a is not None for a in lay.axes):
+    return lax.optimization_barrier(v)
+  return _xla.kept(v)
+
+
 def global_norm(tree: Any, axis_name: str | None = None) -> jax.Array:
   """Float32 global L2 norm of a pytree: one read, Inf beyond ~1.8e19.
 

@@ -142,7 +142,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
   _layout.check_names(lay, state.leaf_log_mean, what)
   if parts is None:
     parts = _norms.leaf_sumsq(leaves, lay, axis_name, recorded=True)
-  sq = _xla.kept(_layout.stack(parts))
+  sq = _norms.stacked_sums(parts, lay)
   n = jnp.sqrt(jnp.sum(sq))
   finite = jnp.isfinite(n)
   norm_stats, norm_z, norm_spike = _stats.series_observe(
