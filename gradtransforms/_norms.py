@@ -95,16 +95,21 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
 
 
 def stacked_sums(parts: Sequence[jax.Array], lay: _layout.Layout) -> jax.Array:
-  """``parts`` (as :func:`leaf_sumsq` gives them) as one stacked vector that
-  its readers reduce as one: a global sum over it is then one reduction,
-  not one per leaf. With a layer axis, behind a barrier on every platform:
-  otherwise XLA splits ``sum(concatenate(parts))`` back into a reduction
-  of each leaf's ``(L,)`` vector, a kernel per leaf (monitor at 6 leaves
-  of 4 stacked layers: H100 25 -> 18 kernels, TPU 14 -> 9). Per leaf
-  (scalars, which XLA:GPU/TPU add in one fusion) :func:`_xla.kept`."""
+  """``parts`` (as :func:`leaf_sumsq` gives them) as one stacked vector for
+  readers that total it (a global norm) and keep it (a state).
+
+  With a layer axis, on TPU behind a barrier: otherwise XLA:TPU splits
+  ``sum(concatenate(parts))`` back into a reduction of each leaf's ``(L,)``
+  vector, a kernel per leaf (monitor, 6 leaves of 24 layers: 14 -> 9
+  kernels; of 4 layers the same). XLA:GPU fuses those per-leaf totals into
+  the step's scalar bookkeeping at 24 layers, where the barrier costs two
+  kernels (the concatenation and its reduction: detect_spikes 24 -> 26),
+  and only at a few layers does it save (4 layers: 31 -> 26), so it is
+  left out there, as on CPU (:func:`_xla.kept`, the O(N^2) joins)."""
   v = _layout.stack(parts)
   if any(a is not None for a in lay.axes):
-    return lax.optimization_barrier(v)
+    return lax.platform_dependent(v, tpu=lax.optimization_barrier,
+                                  default=_xla.kept)
   return _xla.kept(v)
 
 
