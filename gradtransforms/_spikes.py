@@ -208,21 +208,38 @@ def _segments(state, sq, norm_spike, decay, layer_z_thresh, warmup_steps):
               layer_spike=layer_spike)
 
 
+def _max_first(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(max(x), argmax(x))`` of a vector without NaN, the lowest index
+  among ties (as ``jnp.argmax``), as one reduction."""
+  def pick(a, b):
+    first = (a[0] > b[0]) | ((a[0] == b[0]) & (a[1] < b[1]))
+    return jnp.where(first, a[0], b[0]), jnp.where(first, a[1], b[1])
+  return jax.lax.reduce(
+      (x, jnp.arange(x.shape[0], dtype=_I32)),
+      (jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(_stats.I32_MAX, _I32)),
+      pick, (0,))
+
+
 def _assemble(state, g, size, off, *, n, finite, loss, norm_stats, loss_stats,
               norm_z, loss_z, norm_spike, loss_spike, nonfinite, raw_stats,
               sigma_z, sigma_spike) -> DetectSpikesState:
   at = state.step  # this step's index
   spike = norm_spike | g["layer_spike"] | sigma_spike
-  event = (spike | nonfinite) & jnp.any(g["bad_leaf"] | g["rated"])
   since = state.nonfinite_since.values
   since = jnp.where(g["bad_leaf"] & (since < 0), at, since)
   first_now = ~finite & (state.first_nonfinite_step < 0)
   if size:
-    culprit = jnp.where(event, jnp.argmax(g["growth"]).astype(_I32),
-                        state.culprit)
-    first_leaf = jnp.where(first_now, jnp.argmax(g["bad_leaf"]).astype(_I32),
+    # growth is +inf exactly for a non-finite segment, finite for a rated
+    # one, -inf otherwise: its max and first argmax (one reduction) give
+    # whether any segment is blamable, the culprit, and the first
+    # non-finite segment (jnp.any and two argmaxes: TPU 3 kernels)
+    top, at_top = _max_first(g["growth"])
+    event = (spike | nonfinite) & (top > -jnp.inf)
+    culprit = jnp.where(event, at_top, state.culprit)
+    first_leaf = jnp.where(first_now, jnp.where(top == jnp.inf, at_top, 0),
                            state.first_nonfinite_leaf)
   else:
+    event = jnp.zeros((), jnp.bool_)
     culprit, first_leaf = state.culprit, state.first_nonfinite_leaf
 
   def count(old, flag, rule):

@@ -470,3 +470,17 @@ def test_guard_records_the_skipped_steps_own_norm():
   np.testing.assert_allclose(float(m["guard/norm"]), 1000.0, rtol=1e-5)
   # the inner clip's figure is the last applied step's
   np.testing.assert_allclose(float(m["clip_by_global_norm/norm"]), norms[-2], rtol=1e-5)
+
+
+def test_max_first_is_max_and_first_argmax():
+  """The detector's one reduction for the culprit, the first non-finite
+  segment and "anything blamable": NumPy's max and (first) argmax."""
+  from gradtransforms._spikes import _max_first
+  rng = np.random.default_rng(0)
+  cases = [np.asarray([-np.inf] * 5), np.asarray([np.inf, 1.0, np.inf]),
+           np.asarray([2.0, -1.0, 2.0, 2.0]), np.asarray([-np.inf, 0.5, np.inf]),
+           np.asarray([3.0]), rng.integers(-3, 3, 37).astype(np.float32)]
+  for x in cases:
+    top, at = jax.jit(_max_first)(jnp.asarray(x, jnp.float32))
+    assert float(top) == np.max(x) and int(at) == int(np.argmax(x)), x
+    assert at.dtype == jnp.int32

@@ -68,7 +68,6 @@ def _over(names, variants, platforms, metrics, reason):
 
 
 _over(["detect_spikes"], ["stacked"], PLATFORMS, ["kernels"], _OTHERS)
-_over(["detect_spikes"], ["per_leaf"], ["tpu-v5e"], ["kernels"], _OTHERS)
 # guard stacked: the detector's scalar bookkeeping (~13 kernels on H100
 # against apply_if_finite's 4) weighs more than over 6 leaves
 _over(["guard"], ["stacked"], ["h100"], ["kernels"],
