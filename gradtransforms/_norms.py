@@ -127,6 +127,35 @@ def global_norm(tree: Any, axis_name: str | None = None) -> jax.Array:
   return jnp.sqrt(jnp.sum(_xla.kept(sq)))
 
 
+def max_abs(tree: Any) -> jax.Array:
+  """Float32 ``max |u|`` over a tree (NaN if it holds a NaN; 0 if empty;
+  integer leaves as float32), in the form each platform fuses best."""
+  leaves = [u if jnp.issubdtype(u.dtype, jnp.floating) else u.astype(F32)
+            for u in jax.tree.leaves(tree) if u.size]
+  return lax.platform_dependent(leaves, cpu=_max_abs_per_leaf,
+                                tpu=_max_abs_per_leaf, default=_max_abs_by_rows)
+
+
+def _max_abs_per_leaf(leaves):
+  """One reduction per leaf (CPU, TPU). On XLA:CPU ``max(u)`` and
+  ``-min(u)`` are two passes: 1.38x an Adam step at 50M params in 100
+  leaves, against 1.23x for ``max |u|``."""
+  return jnp.max(_xla.kept(jnp.stack(
+      [jnp.max(jnp.abs(u)).astype(F32) for u in leaves] or [jnp.zeros(())])))
+
+
+def _max_abs_by_rows(leaves):
+  """GPU: each leaf reduced along its last axis only (XLA fuses that into
+  the optimizer's pass over the leaf), then one reduction over every leaf's
+  rows. Per leaf to a scalar costs two more kernels a leaf on an H100 (399
+  vs optax.clip's 102 at 100 leaves). The barrier keeps XLA from splitting
+  the last reduction back per leaf."""
+  rows = [u.reshape(-1, u.shape[-1] if u.ndim else 1) for u in leaves]
+  peaks = [jnp.max(jnp.abs(r), axis=1).astype(F32) for r in rows]
+  return jnp.max(lax.optimization_barrier(
+      jnp.concatenate(peaks or [jnp.zeros((1,))])))
+
+
 def clip_scale(norm: jax.Array, max_norm: Any, eps: float = 0.0) -> jax.Array:
   """``max_norm / (norm + eps)`` where ``norm > max_norm``, else 1.
 

@@ -190,10 +190,8 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   update of its kept moments (0: it has none). Empty trees and
   zero-size leaves pass through. ``threshold=inf`` never clips.
 
-  State: :class:`SpamState` (Adam's moments, two counters, one figure;
-  with bfloat16 gradients and moments on TPU the figure ``max_excess`` is
-  computed in bfloat16, relative error about 2**-8, so that XLA:TPU fuses
-  it into the optimizer's pass).
+  State: :class:`SpamState` (Adam's moments, two counters, one figure: in
+  bfloat16 on TPU for bfloat16 moments, relative error about 2**-8).
   Defaults are the paper's (theta = 5000, Delta T = 500, N = 150; betas
   as Adam's); ``eps`` is optax's.
 
