@@ -18,6 +18,8 @@ ROLES: dict[str, str] = {
     "clip_scale": "scale the clip applied (scalar or PerLeaf; 1 = not clipped)",
     "clipped": "the clip acted at the last step (bool)",
     "threshold": "the bound in force at the last step",
+    "clip_peak": "the largest pre-clip |u| an elementwise clip saw at the "
+                 "last step (NaN: not recorded, or the update held a NaN)",
     "skip": "the wrapper skipped the last step (bool)",
     "culprit": "segment index blamed at the last event (-1: none)",
     "culprit_step": "step index of that event (-1: none)",

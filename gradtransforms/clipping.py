@@ -29,7 +29,8 @@ from gradtransforms._registry import register
 
 
 @register("clip_by_value", ("max_abs", "threshold", "clipped"),
-          {"threshold": "threshold", "clipped": "clipped"})
+          {"threshold": "threshold", "clipped": "clipped",
+           "clip_peak": "max_abs"})
 class ClipByValueState(NamedTuple):
   """Last step: the largest ``|u|`` before clipping (NaN if the update held
   a NaN, and always NaN unless ``record_peak=True``) and the bound in force

@@ -358,3 +358,23 @@ def test_stability_table_marks_cells_not_run():
                               dict(row, scenario="a", method="zclip"),
                               dict(row, scenario="b", method="none")], "h")
   assert "| b | 0/1, 0.5 (0 spk) | - |" in md
+
+
+def test_a_clip_whose_peak_is_not_recorded_is_not_judged():
+  """clip_by_value records its pre-clip peak only with record_peak=True;
+  without it (NaN) its ``clipped`` is False at every step, which must not
+  read as "never reached". Recorded, the same history is judged."""
+  n = len(STEADY)
+  base = {"monitor/norm": STEADY, "clip_by_value/threshold": np.full(n, 1e-3),
+          "clip_by_value/clipped": np.zeros(n, bool)}
+  d = gt.diagnose({**base, "clip_by_value/max_abs": np.full(n, np.nan)})
+  assert d.clips == [] and "never reached" not in d.report
+  d = gt.diagnose({**base, "clip_by_value/max_abs": np.full(n, 5e-4)})
+  (c,) = d.clips
+  assert c.verdict == "never reached"
+  # in gt.metrics of a real state: NaN by default, the peak when recorded
+  t = {"a": jnp.asarray([0.5, -2.0])}
+  for flag, peak in ((False, np.nan), (True, 2.0)):
+    tx = gt.clip_by_value(1.0, record_peak=flag)
+    m = gt.metrics(tx.update(t, tx.init(t))[1])
+    np.testing.assert_array_equal(m["clip_by_value/max_abs"], peak)

@@ -3,7 +3,8 @@
 Independently of the regime it reads every clip in the history (roles
 ``clip_scale``, ``clipped``, ``threshold``): a clip that acts on most steps
 with a small scale lowers the effective learning rate; a fixed threshold
-that is never reached does nothing.
+that is never reached does nothing. A clip that records neither a scale
+nor its peak (``clip_by_value`` without ``record_peak``) is not judged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _by_instance(s: Mapping[str, np.ndarray], end: int
                  ) -> dict[str, dict[str, Any]]:
   """Transform instance (key head) -> its clip series by role."""
   heads: dict[str, dict[str, Any]] = {}
-  for role in ("clip_scale", "threshold", "clipped", "global_norm"):
+  for role in ("clip_scale", "threshold", "clipped", "global_norm",
+               "clip_peak"):
     for name, fig in _registry.with_role(role):
       for k in s:
         head, _, rest = k.partition("/")
@@ -65,6 +67,8 @@ def _finding(head: str, f: dict[str, Any], pre_norm: np.ndarray
   ok = np.isfinite(norm)
   if scale is not None:
     ok &= np.isfinite(scale)
+  elif "clip_peak" in f:  # a step whose peak was not recorded says nothing
+    ok &= np.isfinite(f["clip_peak"])
   if not ok.any():
     return None
   if scale is not None:
