@@ -90,6 +90,11 @@ def _state_figures(name: str, state: Any, per_leaf: bool,
         out[f"{name}/{label}/{segs[i]}"] = _float(
             getattr(state, reg.roles[step_role]))
   skip_figs = {reg.roles[r] for r in skip_roles if r in reg.roles}
+  if "clip_peak" in reg.roles and np.isnan(
+      np.asarray(getattr(state, reg.roles["clip_peak"]))):
+    # not recorded (clip_by_value without record_peak): its peak and its
+    # always-False "clipped" say nothing
+    skip_figs |= {reg.roles["clip_peak"], reg.roles.get("clipped", "")}
   for fig in reg.figures:
     if fig in index_figs or fig in skip_figs:
       continue

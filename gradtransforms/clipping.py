@@ -158,8 +158,9 @@ def clip_by_value(max_abs: float, *, record_peak: bool = False
   @_xla.fresh_state
   def init_fn(params):
     del params
-    return ClipByValueState(max_abs=jnp.zeros((), jnp.float32),
-                            threshold=jnp.asarray(max_abs, jnp.float32))
+    return ClipByValueState(
+        max_abs=jnp.asarray(0.0 if record_peak else jnp.nan, jnp.float32),
+        threshold=jnp.asarray(max_abs, jnp.float32))
 
   def update_fn(updates, state, params=None):
     del state, params

@@ -23,7 +23,9 @@ class SpamState(NamedTuple):
   last step over the entries that could be clipped, as ``spike_clip``'s
   (> 0 iff some entry was clipped; -inf when none could be, NaN if the
   gradient held a NaN; capped at ``v * 1e38``, which only bites for ``v``
-  below ~1e-30);
+  below ~1e-30; for bfloat16 moments on TPU taken in bfloat16, to about
+  2**-8 of ``|g|``, so ``clipped`` may differ from the clip by a rounding
+  at the bound);
   ``adam``: Adam's own state (``count`` restarts at each reset, ``mu``,
   ``nu``), an ``optax.ScaleByAdamState`` so optax's tree utilities find the
   moments. ``clipped`` is derived when read."""
@@ -104,7 +106,8 @@ def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
   acc = _norms.acc_dtype(g)
   g32, v_old = g.astype(acc), v.astype(acc)
   k2 = sc.k2.astype(acc)
-  # bfloat16 on TPU: the figure in bfloat16 (relative error about 2**-8),
+  # bfloat16 on TPU: the figure in bfloat16 (its error about 2**-8 of |g|
+  # or of the bound, whichever is larger),
   # as the recorded sums of _norms.leaf_sumsq: only then does XLA:TPU fuse
   # it into the optimizer's pass (1.000x Adam's bytes against 1.286)
   def _excess(g, v, k2):
@@ -190,8 +193,7 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   update of its kept moments (0: it has none). Empty trees and
   zero-size leaves pass through. ``threshold=inf`` never clips.
 
-  State: :class:`SpamState` (Adam's moments, two counters, one figure: in
-  bfloat16 on TPU for bfloat16 moments, relative error about 2**-8).
+  State: :class:`SpamState` (Adam's moments, two counters, one figure).
   Defaults are the paper's (theta = 5000, Delta T = 500, N = 150; betas
   as Adam's); ``eps`` is optax's.
 

@@ -378,3 +378,19 @@ def test_a_clip_whose_peak_is_not_recorded_is_not_judged():
     tx = gt.clip_by_value(1.0, record_peak=flag)
     m = gt.metrics(tx.update(t, tx.init(t))[1])
     np.testing.assert_array_equal(m["clip_by_value/max_abs"], peak)
+
+
+def test_a_spike_is_credited_to_clip_by_value_only_where_its_peak_is_recorded():
+  n = len(STEADY)
+  norm = STEADY.copy()
+  norm[40] *= 100.0
+  hit = np.zeros(n, bool)
+  hit[40] = True
+  base = {"monitor/norm": norm, "clip_by_value/threshold": np.full(n, 1.0),
+          "clip_by_value/clipped": hit}
+  d = gt.diagnose({**base, "clip_by_value/max_abs": np.where(hit, 50.0, 0.5)})
+  assert "clipped by clip_by_value" in d.report and "records no peak" not in d.report
+  d = gt.diagnose({**base, "clip_by_value/clipped": np.zeros(n, bool),
+                   "clip_by_value/max_abs": np.full(n, np.nan)})
+  assert "clipped by" not in d.report
+  assert "clip_by_value records no peak" in d.report, d.report

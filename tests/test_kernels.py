@@ -82,10 +82,11 @@ _over(["guard"], ["stacked"], ["tpu-v5e"], ["kernels"],
 _over(["clip_by_leaf_norm", "clip_by_block_rms", "adagc"], ["stacked"],
       ["tpu-v5e"], ["kernels"],
       "per-layer (L,) scales: fixed kernels the scalar reference has not")
-# monitor / detect_spikes stacked (6 leaves of 4 layers): H100 25 / 31
-# against 15, TPU 9 / 13 against 6 (14 / 18 before the stacked sums went
-# behind a barrier on TPU, _norms.stacked_sums; on an H100 that barrier
-# saves 7 / 5 kernels at 4 layers but costs 2 at 24, and is left out).
+# monitor / detect_spikes stacked (6 leaves of 4 layers): H100 25 / 29
+# against 15, TPU 9 / 11 against 6 (14 / 18 before the stacked sums went
+# behind a barrier on TPU, _norms.stacked_sums, and the detector's
+# attribution became one reduction; on an H100 that barrier saves 7 / 5
+# kernels at 4 layers but costs 2 at 24, and is left out).
 # What is left on TPU is fixed: the (S,) vector of per-layer sums the state
 # keeps (a concatenation) and the detector's per-layer statistics.
 _over(["monitor"], ["stacked"], PLATFORMS, ["kernels"], _MINE)

@@ -254,3 +254,16 @@ def test_non_numeric_threshold_and_int_grads_raise_type_error():
   ints = {"a": jnp.ones((3,), jnp.int32)}
   with pytest.raises(TypeError, match="updates"):
     tx.update(ints, tx.init(ints))
+
+
+def test_dashboard_leaves_out_a_peak_that_is_not_recorded():
+  t = {"a": jnp.asarray([0.5, -2.0])}
+  for flag in (False, True):
+    tx = gt.clip_by_value(1.0, record_peak=flag)
+    d = gt.dashboard(tx.update(t, tx.init(t))[1])
+    assert ("clip_by_value/max_abs" in d) == flag
+    assert ("clip_by_value/clipped" in d) == flag
+    assert d["clip_by_value/threshold"] == 1.0
+  assert d["clip_by_value/max_abs"] == 2.0 and d["clip_by_value/clipped"] == 1.0
+  tx = gt.clip_by_value(1.0)
+  assert np.isnan(tx.init(t).max_abs)  # NaN from init on: never a fake peak

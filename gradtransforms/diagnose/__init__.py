@@ -37,7 +37,8 @@ import numpy as np
 from gradtransforms.diagnose.clips import check_clips
 from gradtransforms.diagnose.explain import explain
 from gradtransforms.diagnose.faults import (contained, fault_lines,
-                                            find_faults, halted, without)
+                                            find_faults, halted, unrecorded,
+                                            without)
 from gradtransforms.diagnose.findings import (SATURATING_FACTOR, SPIKE_FACTOR,
                                               STALL, TIGHT_ACTIVE, TIGHT_SCALE,
                                               UPDATE_RATIO_FLOOR,
@@ -94,9 +95,13 @@ def diagnose(history: Any, loss: Sequence[float] | None = None) -> Diagnosis:
   clips, clip_lines, clip_causes = check_clips(r, f, advise=not is_contained)
   causes += clip_causes
   typical = float(np.median(r.healthy)) if r.healthy.size else None
+  lines = fault_lines(faults, is_contained, typical, stopped)
+  if any(x.action == "none" for x in faults):
+    lines += [f"- {h} records no peak (record_peak=True records it): whether "
+              "it acted on these faults is not known"
+              for h in unrecorded(whole.s)]
   report = write_report(r, f, regime, evidence, clips, clip_lines, causes,
-                        fault_lines(faults, is_contained, typical, stopped),
-                        whole,
+                        lines, whole,
                         len(faults) if is_contained else 0)
   w = r.weights
   bad_layers = whole.bad_layers or [

@@ -81,13 +81,25 @@ def _leaf_at(r: Series, t: int, bad: bool) -> str | None:
 
 
 def _clipped(s: Mapping[str, np.ndarray], t: int) -> str | None:
-  """The clip that scaled step ``t`` down, if any."""
+  """The clip that scaled step ``t`` down, if any. A clip whose peak was
+  not recorded at ``t`` (``clip_by_value`` without ``record_peak``: NaN)
+  cannot say it did not act, and is not asked."""
+  unknown = {k.partition("/")[0] for k in role_keys("clip_peak", list(s))
+             if np.isnan(s[k][t])}
   for role, acted in (("clip_scale", lambda v: v < 1 - 1e-6),
                       ("clipped", lambda v: v > 0)):
     for k in role_keys(role, list(s)):
-      if np.isfinite(s[k][t]) and acted(s[k][t]):
+      if (k.partition("/")[0] not in unknown and np.isfinite(s[k][t])
+          and acted(s[k][t])):
         return k.partition("/")[0]
   return None
+
+
+def unrecorded(s: Mapping[str, np.ndarray]) -> list[str]:
+  """Clips that recorded no peak on any step (``clip_by_value`` without
+  ``record_peak``): whether they acted is not known."""
+  return sorted({k.partition("/")[0] for k in role_keys("clip_peak", list(s))
+                 if np.all(np.isnan(s[k]))})
 
 
 def _rewound(s: Mapping[str, np.ndarray], head: str, t: int
