@@ -484,3 +484,22 @@ def test_max_first_is_max_and_first_argmax():
     top, at = jax.jit(_max_first)(jnp.asarray(x, jnp.float32))
     assert float(top) == np.max(x) and int(at) == int(np.argmax(x)), x
     assert at.dtype == jnp.int32
+
+
+def test_first_nonfinite_leaf_when_only_the_total_overflows():
+  """Each leaf's sum of squares finite (2e38), their total beyond float32:
+  the step is non-finite with no non-finite leaf; the first non-finite
+  leaf reads 0 (as the argmax of an all-False mask did), and a later real
+  NaN in leaf 1 does not overwrite the first record."""
+  big = {"a": jnp.asarray([1.4e19], jnp.float32), "b": jnp.asarray([1.4e19], jnp.float32)}
+  tx = gt.detect_spikes(warmup_steps=2)
+  state = tx.init(big)
+  _, state = jax.jit(tx.update)(big, state)
+  assert bool(state.nonfinite) and int(state.first_nonfinite_step) == 0
+  assert int(state.first_nonfinite_leaf) == 0
+  nan = {"a": jnp.ones(1), "b": jnp.asarray([jnp.nan])}
+  _, state = jax.jit(tx.update)(nan, state)
+  assert int(state.first_nonfinite_step) == 0 and int(state.first_nonfinite_leaf) == 0
+  tx2 = gt.detect_spikes(warmup_steps=2)
+  _, s2 = jax.jit(tx2.update)(nan, tx2.init(nan))
+  assert int(s2.first_nonfinite_leaf) == 1 and int(s2.culprit) == 1
