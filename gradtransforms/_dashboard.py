@@ -94,7 +94,8 @@ def _state_figures(name: str, state: Any, per_leaf: bool,
       np.asarray(getattr(state, reg.roles["clip_peak"]))):
     # not recorded (clip_by_value without record_peak): its peak and its
     # always-False "clipped" say nothing
-    skip_figs |= {reg.roles["clip_peak"], reg.roles.get("clipped", "")}
+    skip_figs |= {reg.roles[r] for r in ("clip_peak", "clipped")
+                  if r in reg.roles}
   for fig in reg.figures:
     if fig in index_figs or fig in skip_figs:
       continue

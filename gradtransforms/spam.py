@@ -106,10 +106,10 @@ def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
   acc = _norms.acc_dtype(g)
   g32, v_old = g.astype(acc), v.astype(acc)
   k2 = sc.k2.astype(acc)
-  # bfloat16 on TPU: the figure in bfloat16 (its error about 2**-8 of |g|
-  # or of the bound, whichever is larger),
-  # as the recorded sums of _norms.leaf_sumsq: only then does XLA:TPU fuse
-  # it into the optimizer's pass (1.000x Adam's bytes against 1.286)
+  # bfloat16 on TPU: the figure taken in bfloat16 (error about 2**-8 of
+  # |g| or of the bound), as _norms.leaf_sumsq's recorded sums: only then
+  # does XLA:TPU fuse it into the optimizer's pass (1.000x Adam's bytes,
+  # against 1.286)
   def _excess(g, v, k2):
     return jnp.max(jnp.minimum(jnp.abs(g) - jnp.sqrt(k2.astype(v.dtype) * v),
                                v * 1e38)).astype(acc)

@@ -38,8 +38,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import optax
 import pytest
 
+import gradtransforms as gt
 from gradtransforms.bench import budgets, compiled
 from gradtransforms.catalogue import CATALOGUE
 
@@ -141,12 +143,16 @@ def _per_leaf(n: int) -> budgets.Workload:
   return budgets.Workload(n, n * PER)
 
 
-def _line(what, name, platform):
-  """(slope, intercept) of kernels against the number of leaves."""
-  k_small = _measure(what, name, platform, _per_leaf(SMALL))[0]
-  k_large = _measure(what, name, platform, _per_leaf(LARGE))[0]
+def _fit(k_small, k_large):
+  """(slope, intercept) of kernels at SMALL and LARGE leaves."""
   slope = (k_large - k_small) / (LARGE - SMALL)
   return slope, k_small - SMALL * slope
+
+
+def _line(what, name, platform):
+  """(slope, intercept) of kernels against the number of leaves."""
+  return _fit(*(_measure(what, name, platform, _per_leaf(n))[0]
+                for n in (SMALL, LARGE)))
 
 
 def _check_kernels(name, variant, platform):
@@ -276,14 +282,10 @@ def test_clip_by_value_recorded_peak_is_fused_on_accelerators(platform):
   reason = _available(platform)
   if reason:
     pytest.skip(reason)
-  import gradtransforms as gt
-  import optax
 
   def line(tx):
-    k = [budgets.tx_step(tx, _per_leaf(n)).compile(platform).kernels
-         for n in (SMALL, LARGE)]
-    slope = (k[1] - k[0]) / (LARGE - SMALL)
-    return slope, k[0] - SMALL * slope
+    return _fit(*(budgets.tx_step(tx, _per_leaf(n)).compile(platform).kernels
+                  for n in (SMALL, LARGE)))
   ours = optax.chain(gt.clip_by_value(1e-3, record_peak=True), budgets.adam())
   ref = optax.chain(optax.clip(1e-3), budgets.adam())
   (b, a), (rb, ra) = line(ours), line(ref)

@@ -84,8 +84,7 @@ def _clipped(s: Mapping[str, np.ndarray], t: int) -> str | None:
   """The clip that scaled step ``t`` down, if any. A clip whose peak was
   not recorded at ``t`` (``clip_by_value`` without ``record_peak``: NaN)
   cannot say it did not act, and is not asked."""
-  unknown = {k.partition("/")[0] for k in role_keys("clip_peak", list(s))
-             if np.isnan(s[k][t])}
+  unknown = _no_peak(s, t)
   for role, acted in (("clip_scale", lambda v: v < 1 - 1e-6),
                       ("clipped", lambda v: v > 0)):
     for k in role_keys(role, list(s)):
@@ -95,11 +94,16 @@ def _clipped(s: Mapping[str, np.ndarray], t: int) -> str | None:
   return None
 
 
+def _no_peak(s: Mapping[str, np.ndarray], t: int | None = None) -> set[str]:
+  """Clips whose peak is NaN at row ``t`` (None: at every row)."""
+  return {k.partition("/")[0] for k in role_keys("clip_peak", list(s))
+          if np.all(np.isnan(s[k] if t is None else s[k][t]))}
+
+
 def unrecorded(s: Mapping[str, np.ndarray]) -> list[str]:
   """Clips that recorded no peak on any step (``clip_by_value`` without
   ``record_peak``): whether they acted is not known."""
-  return sorted({k.partition("/")[0] for k in role_keys("clip_peak", list(s))
-                 if np.all(np.isnan(s[k]))})
+  return sorted(_no_peak(s))
 
 
 def _rewound(s: Mapping[str, np.ndarray], head: str, t: int
