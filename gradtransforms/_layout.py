@@ -288,7 +288,8 @@ def split(v: jax.Array, layout_: Layout, starts: Sequence[Any] | None = None
     if starts is None:
       out.append(v[i] if a is None else v[i:i + n])
     else:
-      part = jax.lax.dynamic_slice_in_dim(v, starts[k], n)
+      part = jax.lax.dynamic_slice_in_dim(  # starts are >= 0: no wrap-around
+          v, starts[k], n, allow_negative_indices=False)
       out.append(part.reshape(()) if a is None else part)
     i += n
   return out

@@ -174,7 +174,9 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
       max_norm = clipping * jnp.maximum(p_norm, eps)
       # optax: where(g_norm < max_norm, g, g * max_norm / max(g_norm, 1e-6)).
       act = jnp.isfinite(g_norm) & ~(g_norm < max_norm) & ~jnp.isnan(max_norm)
-      s = jnp.where(act, max_norm / jnp.maximum(g_norm, _DIV_EPS), 1.0)
+      # the divide as the root, as in _norms.clip_scale (1 / 1 where not act)
+      s = (jnp.where(act, max_norm, 1.0)
+           / jnp.where(act, jnp.maximum(g_norm, _DIV_EPS), 1.0))
       out.append(_norms.scale(g, s))
       counts.append(jnp.sum(act & (g_norm > max_norm), dtype=jnp.int32))
       units.append(max(int(np.prod(g_norm.shape)), 1))

@@ -267,3 +267,25 @@ def test_dashboard_leaves_out_a_peak_that_is_not_recorded():
   assert d["clip_by_value/max_abs"] == 2.0 and d["clip_by_value/clipped"] == 1.0
   tx = gt.clip_by_value(1.0)
   assert np.isnan(tx.init(t).max_abs)  # NaN from init on: never a fake peak
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+@pytest.mark.parametrize("max_norm", [0.0, 1.0, 3e-3, np.inf])
+def test_clip_scale_is_max_over_norm_where_it_clips_else_one(max_norm, eps):
+  """The one clip scale every norm clip uses (``_norms.clip_scale``), bit
+  for bit against NumPy: ``max / (norm + eps)`` where the norm is finite and
+  above the bound, exactly 1 elsewhere (NaN/Inf norms included); a vector of
+  norms against a scalar bound, and each norm alone."""
+  from gradtransforms import _norms
+  norms = np.array([0.0, 1e-30, 1e-3, 3e-3, np.nextafter(np.float32(3e-3),
+                    np.float32(1)), 0.5, 1.0, 2.0, 1e30, np.inf, -np.inf,
+                    np.nan], np.float32)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    clip = np.isfinite(norms) & (norms > np.float32(max_norm))
+    want = np.where(clip, np.float32(max_norm) / (norms + np.float32(eps)),
+                    np.float32(1)).astype(np.float32)
+  got = np.asarray(jax.jit(lambda n: _norms.clip_scale(n, max_norm, eps))(norms))
+  np.testing.assert_array_equal(got, want)
+  assert got.dtype == np.float32
+  for n, w in zip(norms, want):
+    np.testing.assert_array_equal(np.asarray(_norms.clip_scale(n, max_norm, eps)), w)
