@@ -130,7 +130,7 @@ def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
     # every loop a distinct computation (~30 ms of compilation a leaf), and
     # the selects that make ``s`` were fused, the whole vector, into every
     # loop that reads it (13 instructions each, 2.4x Adam's HLO).
-    s_read, starts = _xla.operands((s, _layout.starts(lay)), state.step >= 0)
+    s_read, starts = _xla.operands((s, _layout.starts(lay)), state.step)
     scales = _layout.split(s_read, lay, starts=starts)
     out = _norms.scale_parts(leaves, lay, scales)
     return jax.tree.unflatten(treedef, out), new_state

@@ -227,7 +227,7 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     # computed once, as operands of every leaf's loops (on CPU each loop
     # otherwise recomputes the chain and compiles ~5x slower)
     sc = _xla.operands(sc._replace(lr=jnp.asarray(sc.lr, jnp.float32)),
-                       state.step >= 0)
+                       state.step)
     leaf = functools.partial(_leaf, sc, b1, b2, eps, weight_decay)
     leaves, treedef = jax.tree.flatten(updates)
     w_leaves = (treedef.flatten_up_to(params) if weight_decay

@@ -32,7 +32,7 @@ RATCHET = {
     "clip_by_value": 1.25, "clip_by_global_norm": 1.40,
     "clip_by_leaf_norm": 1.62, "clip_by_block_rms": 1.68,
     "adaptive_grad_clip": 2.85, "autoclip": 1.40, "zclip": 1.40,
-    "adagc": 1.65, "quantile_clip": 1.40, "spike_clip": 2.70,
+    "adagc": 1.65, "quantile_clip": 1.40, "spike_clip": 2.42,
     "clippy": 1.72, "monitor": 1.27, "detect_spikes": 1.27, "guard": 2.62,
     "rewind": 5.7, "with_moment_reset": 1.90, "spam": 3.90,
 }
@@ -128,3 +128,18 @@ def test_adagc_scales_are_read_not_recomputed_per_leaf():
                 if re.match(r"%fused\S* \(param_0\S*: f32\[4,\d\]", c)]
   assert leaf_loops
   assert not any(re.search(rf"f32\[{n}\]\S* select\(", c) for c in leaf_loops)
+
+
+@pytest.mark.parametrize("anchor", [0, 7, -3, 2**31 - 1, -2**31])
+def test_operands_pass_values_through_for_any_step(anchor):
+  """``_xla.operands`` (values out of a conditional on CPU) returns them
+  unchanged for every step counter, a corrupt negative one included (its
+  side never taken returns zeros), and the conditional is really there:
+  a conditional with the same value on both sides is folded away."""
+  from gradtransforms import _xla
+  x = (jnp.arange(3.0) + 1, jnp.asarray(True))
+  f = jax.jit(lambda x, t: _xla.operands(x, t))
+  out = f(x, jnp.int32(anchor))
+  assert out[0].tolist() == [1.0, 2.0, 3.0] and bool(out[1])
+  text = f.lower(x, jnp.int32(anchor)).compile().as_text()
+  assert "conditional(" in text
