@@ -11,6 +11,7 @@ import optax
 from gradtransforms import _checks
 from gradtransforms import _norms
 from gradtransforms import _stats
+from gradtransforms import _xla
 from gradtransforms._registry import register
 
 
@@ -83,6 +84,9 @@ def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
     # (no reset once step has saturated: step % interval would stay fixed)
     due = ((state.step > 0) & (state.step % interval == 0) &
            (state.step < _stats.I32_MAX))
+    # one operand on CPU: XLA:CPU copies the scalar chain that makes ``due``
+    # into each of Adam's loops (mu, nu, update) of every leaf otherwise
+    due = _xla.operands(due, state.step)
     inner_state = _norms.select_tree(due, _reset_adam(state.inner_state),
                                   state.inner_state)
     updates, inner_state = inner.update(updates, inner_state, params, **extra)

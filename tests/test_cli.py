@@ -194,6 +194,22 @@ def test_overhead_quick_run_writes_its_files(tmp_path, capsys):
   assert "| method | 2 leaves |" in md
 
 
+def test_overhead_compile_times_alone(tmp_path, capsys):
+  """--no-trees --no-models: only the compile-time table and its plot (no
+  step table, no step plot; this crashed in the plot before)."""
+  argv = ["--no-trees", "--no-models", "--methods", "clip_by_global_norm",
+          "--compile-leaves", "2", "--out", str(tmp_path)]
+  assert overhead.main(argv) == 0
+  md = (tmp_path / "overhead.md").read_text()
+  assert "Compile time" in md
+  assert "Step time" not in md and "| method | 2 leaves |" in md
+  assert (tmp_path / "overhead_compile.png").exists()
+  assert not (tmp_path / "overhead.png").exists()
+  assert "overhead.png" not in capsys.readouterr().out
+  rows = json.loads((tmp_path / "overhead.json").read_text())
+  assert rows["rows"] == [] and rows["compile"][0]["method"] == "clip_by_global_norm"
+
+
 def _png_size(path: Path) -> tuple[int, int]:
   head = path.read_bytes()[:24]
   assert head[:8] == b"\x89PNG\r\n\x1a\n"

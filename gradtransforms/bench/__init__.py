@@ -41,7 +41,9 @@ def write_results(out_dir: Path, stem: str, md: str, payload: dict,
   out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
   plot(out.with_suffix(".png"))
   print(md)
-  print(f"wrote {out}.md, {out}.json, {out}.png")
+  wrote = [str(out.with_suffix(e)) for e in (".md", ".json", ".png")
+           if out.with_suffix(e).exists()]
+  print(f"wrote {', '.join(wrote)}")
 
 
 def load(name: str):

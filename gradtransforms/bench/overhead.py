@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
   name = stem(platform_name)
 
   def plots(path):
-    plot(rows, path)
+    if rows:  # none with --no-trees --no-models: compile times alone
+      plot(rows, path)
     if compiles:
       plot_compile(compiles, path.with_name(name + "_compile.png"))
   write_results(args.out, name, to_markdown(rows, info, compiles),

@@ -61,7 +61,10 @@ def to_markdown(rows: list[dict], info: dict,
                  else ("layer_axes=0" if r.get("layer_axes") == 0 else "") +
                  (f" (per leaf: {r['per_leaf_vs_adam']:.3f})"
                   if "per_leaf_vs_adam" in r else "")))
-  text += tables.markdown(HEADER, body, align="llrrrrrrrrrl")
+  if not rows:  # compile times only (--no-trees --no-models)
+    text = ""
+  else:
+    text += tables.markdown(HEADER, body, align="llrrrrrrrrrl")
   return text + (compile_markdown(compiles) if compiles else "")
 
 
