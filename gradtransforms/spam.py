@@ -237,9 +237,8 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
         leaves, treedef.flatten_up_to(state.adam.mu),
         treedef.flatten_up_to(state.adam.nu), w_leaves)]
     u, mu, nu, excess = (list(x) for x in zip(*outs)) if outs else ([],) * 4
-    # (inactive steps record -inf here, once, not in every leaf's loops)
-    max_excess = jnp.where(sc.active, jnp.max(_xla.kept(jnp.stack(
-        excess + [jnp.full((), -jnp.inf)]))), -jnp.inf)
+    max_excess = jnp.where(sc.active, jnp.max(_xla.kept(jnp.stack(  # once
+        excess + [jnp.full((), -jnp.inf)]))), -jnp.inf)  # not in every loop
     unf = lambda xs: jax.tree.unflatten(treedef, xs)
     return unf(u), SpamState(
         step=_stats.inc(state.step), resets=sc.resets, max_excess=max_excess,
