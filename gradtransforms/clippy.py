@@ -103,9 +103,7 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
 
   def scale(m):
     r = (m if divisor is None else m / divisor).astype(jnp.float32)
-    # 1 / r or 1 / 1: the divide as the root keeps the scale one value that
-    # XLA:CPU does not copy, with its selects, into every loop that reads it
-    return 1.0 / jnp.where(jnp.isfinite(r) & (r > 1), r, 1.0)
+    return _norms.clip_scale(r, 1.0)  # 1 / r where r > 1 (finite), else 1
 
   def update_fn(updates, state, params=None):
     _checks.needs_params("clippy", params)

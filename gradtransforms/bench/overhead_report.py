@@ -36,6 +36,8 @@ HEADER = ("workload", "method", "Adam ms", "ms", "vs Adam", "target",
 
 def to_markdown(rows: list[dict], info: dict,
                 compiles: list[dict] | None = None) -> str:
+  if not rows:  # compile times only (--no-trees --no-models)
+    return compile_markdown(compiles) if compiles else ""
   k = info.get("steps_per_sample", 1)
   timing = ("one step per sample" if k == 1 else
             f"{k} back-to-back donated steps per sample")
@@ -61,10 +63,7 @@ def to_markdown(rows: list[dict], info: dict,
                  else ("layer_axes=0" if r.get("layer_axes") == 0 else "") +
                  (f" (per leaf: {r['per_leaf_vs_adam']:.3f})"
                   if "per_leaf_vs_adam" in r else "")))
-  if not rows:  # compile times only (--no-trees --no-models)
-    text = ""
-  else:
-    text += tables.markdown(HEADER, body, align="llrrrrrrrrrl")
+  text += tables.markdown(HEADER, body, align="llrrrrrrrrrl")
   return text + (compile_markdown(compiles) if compiles else "")
 
 
