@@ -160,3 +160,46 @@ def test_infinite_clipping_never_clips(tree):
       lambda x: x * 1e-6, tree))
   chex.assert_trees_all_equal(out, tree)
   assert int(state.clipped_units) == 0
+
+
+def test_units_decided_at_once_match_numpy():
+  """Every unit of every leaf is decided on the joined sums (``_decide``):
+  scales and per-leaf counts against a NumPy restatement (optax: scale
+  ``m / max(||g||, 1e-6)`` where ``||g|| >= m``, ``m = clipping *
+  max(||W||, eps)``; counted where ``||g|| > m``; a non-finite ``||g||`` or
+  a NaN ``m`` keeps 1) on units at the bound and its next floats, zero,
+  NaN and Inf norms, a NaN parameter norm, tiny norms under the 1e-6
+  divide floor and a zero-size leaf, for eps 1e-3 and 0, and any anchor
+  (the step counter read on CPU, a corrupt negative one included)."""
+  from gradtransforms import agc
+  m = np.float32(0.5 * 2.0)  # clipping 0.5, ||W|| 2
+  g_norms = [np.array([m, np.nextafter(m, np.float32(9)),
+                       np.nextafter(m, np.float32(0)), 0, 5], np.float32),
+             np.zeros((0,), np.float32),
+             np.array([np.nan, np.inf, 3e-7, 9], np.float32),
+             np.array([7], np.float32)]
+  p_norms = [np.full(a.shape, 2, np.float32) for a in g_norms]
+  p_norms[2][3] = np.nan  # a NaN parameter norm: never clipped
+  p_norms[3][0] = 0  # floored at eps
+  gs = [np.square(a) for a in g_norms]
+  ps = [np.square(a) for a in p_norms]
+  units = np.cumsum([a.size for a in g_norms])[:-1]
+  for eps, anchor in ((1e-3, 0), (0.0, -2**31)):
+    scales, counts = jax.jit(
+        lambda g, p, a: agc._decide(g, p, 0.5, eps, a))(gs, ps, jnp.int32(anchor))
+    gn = np.sqrt(np.concatenate(gs))
+    mn = np.float32(0.5) * np.maximum(np.sqrt(np.concatenate(ps)), np.float32(eps))
+    with np.errstate(invalid="ignore", divide="ignore"):
+      act = np.isfinite(gn) & (gn >= mn)
+      want = np.where(act, mn / np.maximum(gn, np.float32(1e-6)), np.float32(1))
+      hits = np.isfinite(gn) & (gn > mn)
+    np.testing.assert_array_equal(np.concatenate(scales), want)
+    assert [s.shape for s in scales] == [a.shape for a in g_norms]
+    np.testing.assert_array_equal(counts, [h.sum() for h in np.split(hits, units)])
+    # TPU's leaf-by-leaf form: the same bits
+    chex.assert_trees_all_equal(
+        jax.jit(lambda g, p: agc._per_leaf(g, p, 0.5, eps))(gs, ps),
+        (scales, counts))
+  assert want[1] < 1 and want[2] == 1  # the next float above m clips, below not
+  out = agc._decide([], [], 0.5, 1e-3, jnp.int32(0))
+  assert out[0] == [] and out[1].shape == (0,)

@@ -187,7 +187,7 @@ def test_compiles_in_linear_size(name):
 
 # Still joining every leaf's figure in one fusion (issue 24 open): XLA:CPU
 # builds such a fusion in O(N^2) at compile time.
-_WIDE_JOINS = {"adaptive_grad_clip", "adagc", "rewind"}
+_WIDE_JOINS = {"adagc", "rewind"}
 
 
 @pytest.mark.parametrize("name", [

@@ -23,15 +23,17 @@ ALL = {k: e for k, e in CATALOGUE.items() if not e.batch_axis}
 # Issue 24's target: compile time at most 2x Adam's, here as per-leaf HLO.
 TARGET = 2.0
 # Over the target (strict xfail): a second moment of its own (spike_clip,
-# spam: also its reset), two norms per unit and a count (AGC), inner's output
-# computed twice (guard's check="updates"; rewind around a guard).
-OVER = {"adaptive_grad_clip", "spike_clip", "guard", "rewind", "spam"}
+# spam: also its reset), inner's output computed twice (guard's
+# check="updates"; rewind around a guard).
+OVER = {"spike_clip", "guard", "rewind", "spam"}
 # What each method measures now (ratio to Adam's per-leaf instructions,
 # 8 -> 24 leaves, catalogue's bench configuration), + ~5%: no regression.
+# (adaptive_grad_clip 1.66: its leaves read their scales as dynamic slices,
+# whose clamps are a few instructions in computations the leaves share.)
 RATCHET = {
     "clip_by_value": 1.25, "clip_by_global_norm": 1.40,
     "clip_by_leaf_norm": 1.62, "clip_by_block_rms": 1.68,
-    "adaptive_grad_clip": 2.85, "autoclip": 1.40, "zclip": 1.40,
+    "adaptive_grad_clip": 1.72, "autoclip": 1.40, "zclip": 1.40,
     "adagc": 1.65, "quantile_clip": 1.40, "spike_clip": 2.42,
     "clippy": 1.72, "monitor": 1.27, "detect_spikes": 1.27, "guard": 2.62,
     "rewind": 5.7, "with_moment_reset": 1.28, "spam": 3.45,
@@ -128,6 +130,95 @@ def test_adagc_scales_are_read_not_recomputed_per_leaf():
                 if re.match(r"%fused\S* \(param_0\S*: f32\[4,\d\]", c)]
   assert leaf_loops
   assert not any(re.search(rf"f32\[{n}\]\S* select\(", c) for c in leaf_loops)
+
+
+
+def test_agc_decides_every_unit_at_once_on_cpu():
+  """adaptive_grad_clip on CPU: a leaf adds its two sums of squares and
+  nothing more of AGC's, no compare, select or count of its own (all on the
+  joined units, once); leaf by leaf these were 2.71x Adam's per-leaf HLO."""
+  def ops(n):
+    params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
+    tx = ALL["adaptive_grad_clip"].build(optax.adam(1e-3), config="bench")
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+    return {op: len(re.findall(rf" {op}\(", text))
+            for op in ("compare", "select", "reduce")}
+  few, many = ops(8), ops(16)
+  assert many["compare"] == few["compare"], (few, many)
+  assert many["select"] == few["select"], (few, many)
+  assert many["reduce"] - few["reduce"] == 2 * 8, (few, many)
+
+def _distinct(text: str) -> tuple[int, int]:
+  """Fused computations of ``text`` told apart after renaming (what XLA
+  compiles once however many leaves share it): how many, and their
+  instructions."""
+  comps: dict[str, list[str]] = {}
+  name = None
+  for line in text.splitlines():
+    if line.startswith("%"):
+      name = line.split()[0]
+      comps[name] = []
+    elif line.startswith("ENTRY"):
+      name = None
+    elif name and " = " in line:
+      comps[name].append(re.sub(r", metadata=\{[^}]*\}", "", line).strip())
+  out = set()
+  for body in comps.values():
+    ids: dict[str, str] = {}
+    out.add("\n".join(re.sub(r"%[\w.\-]+", lambda m: ids.setdefault(
+        m.group(0), f"%v{len(ids)}"), line) for line in body))
+  return len(out), sum(len(b.splitlines()) for b in out)
+
+
+# Leaf-specific computations: rewind's snapshot restore (issue 24).
+LEAF_SPECIFIC = {"rewind"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[pytest.mark.xfail(
+        strict=True, reason="computations of its own per leaf (issue 24)")]
+        if n in LEAF_SPECIFIC else []) for n in sorted(ALL)])
+def test_leaves_of_one_shape_share_their_computations(name):
+  """Leaves of one shape must compile to the same loops: XLA:CPU compiles
+  each distinct fused computation once, so 100 leaves of 5 shapes cost
+  Adam ~1 s and 100 shapes ~8 s. A leaf's index baked into its loop (a
+  static slice of a per-leaf vector) makes the loop its own: AGC reading
+  its joined scales by static slice compiled in 5.3x Adam's time, by
+  dynamic slice at a start out of a conditional 1.7x. From 8 to 24 leaves
+  of 4 shapes the distinct computations may grow only by what joins the
+  leaves (a concatenate of N operands): <= 3 instructions a leaf."""
+  def distinct(n):
+    params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
+    tx = ALL[name].build(optax.adam(1e-3), config="bench")
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p, value=jnp.float32(1.0))
+      return optax.apply_updates(p, u), s
+    return _distinct(jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, tx.init(params), params).compile().as_text())
+  few, many = distinct(8), distinct(24)
+  assert many[0] - few[0] <= 2, (few, many)
+  assert (many[1] - few[1]) / 16 <= 3, (few, many)
+
+
+def test_distinct_tells_a_leaf_index_apart():
+  """The measure above is not blind: the same loop over two leaves of one
+  shape is one computation, and two if each reads its own static slice."""
+  x = {"a": jnp.zeros((4, 3)), "b": jnp.zeros((4, 3))}
+  v = jnp.arange(6.0)
+
+  def shared(x, v):
+    return jax.tree.map(lambda t: t * v[0] + 1, x)
+
+  def own(x, v):
+    return {"a": x["a"] * v[0] + 1, "b": x["b"] * v[3] + 1}
+  n_shared = _distinct(jax.jit(shared).lower(x, v).compile().as_text())[0]
+  n_own = _distinct(jax.jit(own).lower(x, v).compile().as_text())[0]
+  assert n_own == n_shared + 1, (n_shared, n_own)
 
 
 @pytest.mark.parametrize("anchor", [0, 7, -3, 2**31 - 1, -2**31])

@@ -195,6 +195,38 @@ def test_budget(name, variant, platform, metric):
   (_check_kernels if metric == "kernels" else _check_bytes)(name, variant, platform)
 
 
+def test_structure_counts_a_sliced_operand_as_its_slices():
+  """A fusion that only slices an operand reads the slices, not the whole
+  operand (a leaf reading its part of a joined vector); an operand it also
+  uses whole counts whole."""
+  hlo = """HloModule m
+%f (p: f32[100], q: f32[8]) -> f32[8] {
+  %p = f32[100]{0} parameter(0)
+  %q = f32[8]{0} parameter(1)
+  %s = f32[8]{0} slice(%p), slice={[8:16]}
+  ROOT %n = f32[8]{0} add(%s, %q)
+}
+%g (p: f32[100], q: f32[8]) -> f32[8] {
+  %p = f32[100]{0} parameter(0)
+  %q = f32[8]{0} parameter(1)
+  %s = f32[8]{0} slice(%p), slice={[8:16]}
+  %t = f32[100]{0} negate(%p)
+  %u = f32[8]{0} slice(%t), slice={[0:8]}
+  ROOT %n = f32[8]{0} add(%s, %u)
+}
+ENTRY %main (a: f32[100], b: f32[8]) -> (f32[8], f32[8]) {
+  %a = f32[100]{0} parameter(0)
+  %b = f32[8]{0} parameter(1)
+  %x = f32[8]{0} fusion(%a, %b), kind=kLoop, calls=%f
+  %y = f32[8]{0} fusion(%a, %b), kind=kLoop, calls=%g
+  ROOT %r = (f32[8]{0}, f32[8]{0}) tuple(%x, %y)
+}
+"""
+  s = compiled.structure(hlo)
+  assert s.kernels == 2
+  assert s.bytes == (32 + 32 + 32) + (32 + 400 + 32)
+
+
 def test_structure_reads_known_hlo():
   """The counter itself, on a hand-written module: a fusion and a custom
   call are kernels; parameters, tuples and constants are not; bytes are

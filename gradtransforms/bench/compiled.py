@@ -15,7 +15,10 @@ reads the ENTRY computation of the result:
   ``ConcatBitcast``; reported as ``dma``) and rank-0 ops on the scalar
   unit (reported as ``scalar_ops``).
 * bytes: operands + results of each kernel, a roofline proxy for step time
-  (the deviceless GPU executable has no ``cost_analysis``).
+  (the deviceless GPU executable has no ``cost_analysis``). An operand that
+  a fusion only slices counts as the slices it reads (as XLA's own cost
+  analysis counts it): a leaf reading its part of a joined vector reads
+  that part, not the vector.
 * loops: a ``while`` is one kernel (on GPU a host sync) and its own
   operands and results are not bytes: they are its loop carry, updated in
   place. Its trip count is a run-time value, so the kernels and bytes of
@@ -201,6 +204,28 @@ def _size(t: str) -> int:
   return total
 
 
+def _sliced(comp: list[str]) -> dict[int, int]:
+  """Parameters of a fused computation that it only slices: number ->
+  bytes of the slices read (a parameter with any other use is absent)."""
+  params: dict[str, int] = {}
+  read: dict[str, int] = {}
+  other: set[str] = set()
+  for line in comp:
+    name, t, op, operands = _parse(line)
+    m = re.search(r"parameter\((\d+)\)", line)
+    if op == "parameter" and m:
+      params[name] = int(m.group(1))
+      continue
+    for i, o in enumerate(operands):
+      if o not in params:
+        continue
+      if op in ("slice", "dynamic-slice") and i == 0:
+        read[o] = read.get(o, 0) + _size(t)
+      else:
+        other.add(o)
+  return {params[o]: b for o, b in read.items() if o not in other}
+
+
 def structure(text: str, tpu: bool = False) -> Structure:
   """Kernels and bytes of an optimized HLO module's ENTRY computation."""
   comps, entry = _computations(text)
@@ -238,7 +263,10 @@ def structure(text: str, tpu: bool = False) -> Structure:
           scalar.get(o, False) for o in operands):
         scalar_ops += not in_loop
         continue
-      b = sizes[name] + sum(sizes.get(o, 0) for o in operands)
+      called = re.search(r"calls=%?([\w.\-]+)", line) if op == "fusion" else None
+      sliced = _sliced(comps.get(called.group(1), [])) if called else {}
+      b = sizes[name] + sum(min(sliced.get(i, sizes.get(o, 0)), sizes.get(o, 0))
+                            for i, o in enumerate(operands))
       if in_loop:
         loop[0] += 1
         loop[1] += b
