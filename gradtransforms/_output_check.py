@@ -71,9 +71,8 @@ def sums_with_output_check(leaves: list, lay: Any, probe: Any,
     del state
     return (_norms.leaf_sumsq(leaves, lay, axis_name),
             jnp.ones((), jnp.bool_))
-  return lax.platform_dependent(state, cpu=cpu,
-                                cuda=accel(_sums_and_finite_rows),
-                                rocm=accel(_sums_and_finite_rows),
+  rows = accel(_sums_and_finite_rows)  # one branch: traced once for both
+  return lax.platform_dependent(state, cpu=cpu, cuda=rows, rocm=rows,
                                 default=accel(_sums_and_finite_plain))
 
 

@@ -131,6 +131,21 @@ def read_once(state: Any) -> tuple[Any, Any]:
   return jax.tree.unflatten(tree, new_leaves), restore
 
 
+def traced_once(update: Any) -> Any:
+  """``update`` (an optimizer's ``update(updates, state, params, **extra)``)
+  as one ``jax.jit``: a wrapper that calls its inner optimizer from several
+  places (each branch of a ``platform_dependent``, a ``cond`` and its
+  probe) traces it once and reuses the jaxpr; XLA inlines the call, so the
+  compiled step is the same. Make one per ``update_fn`` call: the inner may
+  close over that trace's values (``inject_hyperparams``). The guard traced
+  Adam five times: 1.9 s to trace at 100 leaves, Adam's own step 0.18."""
+  once = jax.jit(lambda u, s, p, extra: update(u, s, p, **extra))
+
+  def call(updates, state, params=None, **extra):
+    return once(updates, state, params, extra)
+  return call
+
+
 def kept(v: jax.Array) -> jax.Array:
   """A vector of per-leaf figures that XLA:CPU reduces as one: behind a
   barrier there, its algebraic simplifier no longer splits the reduction

@@ -273,12 +273,14 @@ def guard(inner: optax.GradientTransformation,
 
   def update_fn(updates, state, params=None, **extra):
     loss = _entry_checks(updates, params, extra, reset_inner_state, triggers)
+    inner_once = optax.GradientTransformationExtraArgs(
+        inner.init, _xla.traced_once(inner.update))
     state, restore = _xla.read_once(state)
-    det, out_ok = _observe(inner, updates, state, params, extra, loss, kw,
+    det, out_ok = _observe(inner_once, updates, state, params, extra, loss, kw,
                            fused=check_out and action == "skip")
     updates, det = _xla.detach(updates, restore(det))
     new_updates, inner_state, bad, out_bad = _run(
-        inner, det, state, updates, params, extra, triggers=triggers,
+        inner_once, det, state, updates, params, extra, triggers=triggers,
         action=action, check_out=check_out, axis_name=axis_name, out_ok=out_ok,
         reset_at=max_consecutive_errors if in_step else None)
     return new_updates, restore(_bookkeep(
