@@ -72,19 +72,32 @@ def fresh(tree: Any) -> Any:
                                           copy=True), tree)
 
 
-def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
+def on_cpu() -> jax.Array:
+  """A bool scalar, True where the step is lowered for CPU: one
+  ``platform_dependent`` for a whole step, where a branch per leaf traced
+  every leaf's code twice (XLA folds the constant it lowers to)."""
+  return lax.platform_dependent(cpu=lambda: jnp.ones((), bool),
+                                default=lambda: jnp.zeros((), bool))
+
+
+def after(x: jax.Array, *deps: jax.Array, cpu: jax.Array | None = None
+          ) -> jax.Array:
   """``x``, on CPU computed after ``deps`` (arrays) have been: a select on a
   comparison with each dep's first entry that is always false (not even
   NaN is ``> inf``), which XLA cannot fold. For an in-place state update
   whose old value other loops still read: XLA:CPU otherwise may copy the
   old state to a fresh, page-faulted buffer first. On GPU/TPU the tie
-  would split a fused kernel, and is left out."""
-  def tied(x, *deps):
+  would split a fused kernel, and is left out. ``cpu``: :func:`on_cpu`,
+  computed once by a caller that ties many leaves (the select then folds
+  away on GPU/TPU, to the same program)."""
+  def tied(x, *deps, cpu=True):
     never = jnp.zeros((), bool)
     for d in deps:
       if d.size:
         never = never | (d.reshape(-1)[0] > jnp.inf)
-    return jnp.where(never, jnp.zeros_like(x), x)
+    return jnp.where(cpu & never, jnp.zeros_like(x), x)
+  if cpu is not None:
+    return tied(x, *deps, cpu=cpu)
   return lax.platform_dependent(x, *deps, cpu=tied,
                                 default=lambda x, *deps: x)
 

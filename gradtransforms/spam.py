@@ -93,7 +93,7 @@ def _scalars(state: SpamState, learning_rate: Any, b1: float, b2: float,
 
 
 def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
-          g: jax.Array, m: jax.Array, v: jax.Array, w: Any):
+          cpu: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, w: Any):
   """One leaf's (update, mu, nu, max excess).
 
   Written for XLA:CPU: the only sqrt besides Adam's is the clip level
@@ -134,7 +134,7 @@ def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
   lim = jnp.sqrt(cap)
   gc = jnp.where(can, jnp.clip(g32, -lim, lim), g32).astype(g.dtype)
   m_new = jnp.where(ok, (1 - b1) * gc + b1 * m, m)
-  v_new = _xla.after(jnp.where(ok, v_raw, v), excess)
+  v_new = _xla.after(jnp.where(ok, v_raw, v), excess, cpu=cpu)
   u = (m_new / sc.c1.astype(m_new.dtype)) / (
       jnp.sqrt(v_new / sc.c2.astype(v_new.dtype)) + eps)
   u = u * sc.phi.astype(u.dtype)
@@ -229,7 +229,8 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     # otherwise recomputes the chain and compiles ~5x slower)
     sc = _xla.operands(sc._replace(lr=jnp.asarray(sc.lr, jnp.float32)),
                        state.step)
-    leaf = functools.partial(_leaf, sc, b1, b2, eps, weight_decay)
+    leaf = functools.partial(_leaf, sc, b1, b2, eps, weight_decay,
+                             _xla.on_cpu())
     leaves, treedef = jax.tree.flatten(updates)
     w_leaves = (treedef.flatten_up_to(params) if weight_decay
                 else [None] * len(leaves))
