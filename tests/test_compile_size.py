@@ -11,6 +11,7 @@ is a benchmark figure (``gradtransforms bench overhead --compile-leaves``).
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -234,3 +235,26 @@ def test_operands_pass_values_through_for_any_step(anchor):
   assert out[0].tolist() == [1.0, 2.0, 3.0] and bool(out[1])
   text = f.lower(x, jnp.int32(anchor)).compile().as_text()
   assert "conditional(" in text
+
+
+@pytest.mark.parametrize("check", ["updates", "gradients"])
+def test_guard_traces_its_inner_once(check):
+  """The guard runs its inner optimizer in several places (each platform's
+  branch of the step and of the output check, a conditional's probe); they
+  share one trace (``_xla.traced_once``): tracing the guard of Adam at 100
+  leaves took 1.9 s with five traces of Adam, 0.8 with one. The step is
+  the same: the updates equal a plain chain's on a finite step."""
+  import gradtransforms as gt
+  calls = []
+  adam = optax.adam(1e-3)
+
+  def update(u, s, p=None):
+    calls.append(1)
+    return adam.update(u, s, p)
+  tx = gt.guard(optax.GradientTransformation(adam.init, update), check=check)
+  params = {"a": jnp.ones((3, 2)), "b": jnp.arange(4.0)}
+  grads = jax.tree.map(lambda x: 0.1 * x + 0.5, params)
+  out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert len(calls) == 1
+  want, _ = adam.update(grads, adam.init(params), params)
+  chex.assert_trees_all_close(out, want, rtol=1e-6)
