@@ -41,25 +41,34 @@ RATCHET = {
 }
 
 
-def _instructions(make, n: int) -> int:
+def _step_text(name: str | None, n: int, value: bool = False,
+               donate: bool = False) -> str:
+  """Optimized HLO of catalogue method ``name`` + Adam (None: Adam alone)
+  on ``n`` leaves of 4 shapes; ``value``: the loss passed as ``value=``."""
   params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
-  tx = make()
+  tx = (optax.with_extra_args_support(optax.adam(1e-3)) if name is None
+        else ALL[name].build(optax.adam(1e-3), config="bench"))
+  kw = {"value": jnp.float32(1.0)} if value else {}
 
   def step(p, s, g):
-    u, s = tx.update(g, s, p, value=jnp.float32(1.0))
+    u, s = tx.update(g, s, p, **kw)
     return optax.apply_updates(p, u), s
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ()).lower(
       params, tx.init(params), params).compile().as_text()
+
+
+def _instructions(name: str | None, n: int) -> int:
+  text = _step_text(name, n, value=True, donate=True)
   return sum(1 for line in text.splitlines() if " = " in line)
 
 
-def _per_leaf(make) -> float:
-  return (_instructions(make, 24) - _instructions(make, 8)) / 16
+def _per_leaf(name: str | None) -> float:
+  return (_instructions(name, 24) - _instructions(name, 8)) / 16
 
 
 @pytest.fixture(scope="module")
 def adam_per_leaf() -> float:
-  return _per_leaf(lambda: optax.with_extra_args_support(optax.adam(1e-3)))
+  return _per_leaf(None)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +77,7 @@ def ratios(adam_per_leaf) -> dict:
 
   def get(name):
     if name not in cache:
-      cache[name] = _per_leaf(
-          lambda: ALL[name].build(optax.adam(1e-3), config="bench")) / adam_per_leaf
+      cache[name] = _per_leaf(name) / adam_per_leaf
     return cache[name]
   return get
 
@@ -102,13 +110,7 @@ def test_clip_decision_is_computed_once_per_leaf(name):
   root (``_norms.clip_scale``) the decision is made once: one ``is-finite``
   a leaf (a global clip: one in all)."""
   def finite_checks(n):
-    params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
-    tx = ALL[name].build(optax.adam(1e-3), config="bench")
-
-    def step(p, s, g):
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
-    text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+    text = _step_text(name, n)
     return len(re.findall(r"\bis-finite\(", text))
   per_leaf = (finite_checks(16) - finite_checks(8)) / 8
   assert per_leaf <= (1 if name.startswith(("clip_by_", "clippy")) else 0), per_leaf
@@ -120,13 +122,7 @@ def test_adagc_scales_are_read_not_recomputed_per_leaf():
   Adam's recomputes the selects over the whole vector (13 instructions in
   each of mu and nu, 2.4x Adam's per-leaf HLO before)."""
   n = 12
-  params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
-  tx = ALL["adagc"].build(optax.adam(1e-3), config="bench")
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+  text = _step_text("adagc", n)
   leaf_loops = [c for c in re.split(r"\n(?=\S)", text)
                 if re.match(r"%fused\S* \(param_0\S*: f32\[4,\d\]", c)]
   assert leaf_loops
@@ -139,13 +135,7 @@ def test_agc_decides_every_unit_at_once_on_cpu():
   nothing more of AGC's, no compare, select or count of its own (all on the
   joined units, once); leaf by leaf these were 2.71x Adam's per-leaf HLO."""
   def ops(n):
-    params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
-    tx = ALL["adaptive_grad_clip"].build(optax.adam(1e-3), config="bench")
-
-    def step(p, s, g):
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
-    text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+    text = _step_text("adaptive_grad_clip", n)
     return {op: len(re.findall(rf" {op}\(", text))
             for op in ("compare", "select", "reduce")}
   few, many = ops(8), ops(16)
@@ -193,14 +183,7 @@ def test_leaves_of_one_shape_share_their_computations(name):
   of 4 shapes the distinct computations may grow only by what joins the
   leaves (a concatenate of N operands): <= 3 instructions a leaf."""
   def distinct(n):
-    params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
-    tx = ALL[name].build(optax.adam(1e-3), config="bench")
-
-    def step(p, s, g):
-      u, s = tx.update(g, s, p, value=jnp.float32(1.0))
-      return optax.apply_updates(p, u), s
-    return _distinct(jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, tx.init(params), params).compile().as_text())
+    return _distinct(_step_text(name, n, value=True, donate=True))
   few, many = distinct(8), distinct(24)
   assert many[0] - few[0] <= 2, (few, many)
   assert (many[1] - few[1]) / 16 <= 3, (few, many)
