@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 
@@ -144,19 +145,19 @@ def read_once(state: Any) -> tuple[Any, Any]:
   return jax.tree.unflatten(tree, new_leaves), restore
 
 
-def traced_once(update: Any) -> Any:
-  """``update`` (an optimizer's ``update(updates, state, params, **extra)``)
-  as one ``jax.jit``: a wrapper that calls its inner optimizer from several
-  places (each branch of a ``platform_dependent``, a ``cond`` and its
-  probe) traces it once and reuses the jaxpr; XLA inlines the call, so the
-  compiled step is the same. Make one per ``update_fn`` call: the inner may
-  close over that trace's values (``inject_hyperparams``). The guard traced
-  Adam five times: 1.9 s to trace at 100 leaves, Adam's own step 0.18."""
-  once = jax.jit(lambda u, s, p, extra: update(u, s, p, **extra))
+def traced_once(inner: Any) -> Any:
+  """``inner`` (an optimizer) with its ``update`` as one ``jax.jit``: a
+  wrapper that calls its inner optimizer from several places (each branch
+  of a ``platform_dependent``, a ``cond`` and its probe) traces it once
+  and reuses the jaxpr; XLA inlines the call, so the compiled step is the
+  same. Make one per ``update_fn`` call: the inner may close over that
+  trace's values (``inject_hyperparams``). The guard traced Adam five
+  times: 1.9 s to trace at 100 leaves, Adam's own step 0.18."""
+  once = jax.jit(lambda u, s, p, extra: inner.update(u, s, p, **extra))
 
-  def call(updates, state, params=None, **extra):
+  def update(updates, state, params=None, **extra):
     return once(updates, state, params, extra)
-  return call
+  return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def kept(v: jax.Array) -> jax.Array:

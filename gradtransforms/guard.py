@@ -273,8 +273,7 @@ def guard(inner: optax.GradientTransformation,
 
   def update_fn(updates, state, params=None, **extra):
     loss = _entry_checks(updates, params, extra, reset_inner_state, triggers)
-    inner_once = optax.GradientTransformationExtraArgs(
-        inner.init, _xla.traced_once(inner.update))
+    inner_once = _xla.traced_once(inner)
     state, restore = _xla.read_once(state)
     det, out_ok = _observe(inner_once, updates, state, params, extra, loss, kw,
                            fused=check_out and action == "skip")

@@ -225,8 +225,7 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
       _checks.needs_params("spam", params)
     sc = _scalars(state, learning_rate, b1, b2, threshold, interval,
                   warmup_steps)
-    # computed once, as operands of every leaf's loops (on CPU each loop
-    # otherwise recomputes the chain and compiles ~5x slower)
+    # once, as operands of every leaf's loop (CPU: else each recomputes it)
     sc = _xla.operands(sc._replace(lr=jnp.asarray(sc.lr, jnp.float32)),
                        state.step)
     leaf = functools.partial(_leaf, sc, b1, b2, eps, weight_decay,
