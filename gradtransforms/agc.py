@@ -133,22 +133,22 @@ def _decide(gs: list[jax.Array], ps: list[jax.Array], clipping: float,
   Leaf by leaf, the select-divide and the count were a computation per
   leaf, and XLA copied them into every loop that read the scale (CPU:
   2.71x Adam's per-leaf HLO; H100: 306 kernels at 100 leaves, joined 116,
-  where XLA:GPU fuses the leaves' reductions and loops). Each leaf reads its scales as a dynamic slice at a start that
-  comes, with the vector, out of a conditional on CPU (``_xla.operands``,
-  anchored on any integer scalar): a static slice would put its index
-  into the leaf's loops and make every loop a computation of its own,
-  which XLA:CPU compiles one by one where leaves of one shape share one."""
+  where XLA:GPU fuses the leaves' reductions and loops). Each leaf reads
+  its scales as a dynamic slice at a start that comes, with the vector,
+  out of a conditional on CPU (``_xla.operands``, anchored on any integer
+  scalar): a static slice would put its index into the leaf's loops and
+  make every loop a computation of its own, which XLA:CPU compiles one by
+  one where leaves of one shape share one."""
   if not gs:
     return [], jnp.zeros((0,), jnp.int32)
   counts = [g.size for g in gs]
   s, c = _scale_and_count(jnp.concatenate(gs), jnp.concatenate(ps),
                           clipping, eps)
-  ends = np.cumsum(counts)
   leaf_of_unit = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
   per_leaf = jax.ops.segment_sum(c.astype(jnp.int32), leaf_of_unit,
                                  num_segments=len(counts),
                                  indices_are_sorted=True)
-  starts = [jnp.asarray(e - n, jnp.int32) for e, n in zip(ends, counts)]
+  starts = [jnp.asarray(i, jnp.int32) for i in np.cumsum([0, *counts[:-1]])]
   s, starts = _xla.operands((s, starts), anchor)
   return [jax.lax.dynamic_slice_in_dim(s, i, n, allow_negative_indices=False)
           for i, n in zip(starts, counts)], per_leaf
@@ -157,10 +157,11 @@ def _decide(gs: list[jax.Array], ps: list[jax.Array], clipping: float,
 def _per_leaf(gs: list[jax.Array], ps: list[jax.Array], clipping: float,
               eps: float) -> tuple[list, jax.Array]:
   """The same numbers leaf by leaf (TPU, and GPU for 16-bit leaves): each
-  leaf's few scale ops fuse into its own loops. Joined, TPU v5e ran 213 kernels at 100 leaves (402
-  here; optax 500) but read 1.305x Adam's bytes in bfloat16 at 8 leaves of
-  64k (floor 1.286; 1.290 here): it keeps the concatenations, the mask and
-  its segment sum as kernels of their own over float32 unit vectors."""
+  leaf's few scale ops fuse into its own loops. Joined, TPU v5e ran 213
+  kernels at 100 leaves (402 here; optax 500) but read 1.305x Adam's bytes
+  in bfloat16 at 8 leaves of 64k (floor 1.286; 1.290 here): it keeps the
+  concatenations, the mask and its segment sum as kernels of their own
+  over float32 unit vectors."""
   out = [_scale_and_count(g, p, clipping, eps) for g, p in zip(gs, ps)]
   return [s for s, _ in out], _layout.stack(
       [jnp.sum(c, dtype=jnp.int32) for _, c in out], jnp.int32)

@@ -265,8 +265,8 @@ def structure(text: str, tpu: bool = False) -> Structure:
         continue
       called = re.search(r"calls=%?([\w.\-]+)", line) if op == "fusion" else None
       sliced = _sliced(comps.get(called.group(1), [])) if called else {}
-      b = sizes[name] + sum(min(sliced.get(i, sizes.get(o, 0)), sizes.get(o, 0))
-                            for i, o in enumerate(operands))
+      whole = [sizes.get(o, 0) for o in operands]
+      b = sizes[name] + sum(min(sliced.get(i, w), w) for i, w in enumerate(whole))
       if in_loop:
         loop[0] += 1
         loop[1] += b
