@@ -3,7 +3,6 @@ periodic moment resets."""
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -62,7 +61,7 @@ def _init(params) -> SpamState:
 class _Scalars(NamedTuple):
   """One step's scalars: reset due, clip active, squared clip factor
   ``k2 = threshold / (1 - b2**c)``, bias corrections, learning rate,
-  warm-up factor, counters after the step."""
+  warm-up factor, counters after the step, and a 1 (see :func:`_moments`)."""
   due: jax.Array
   active: jax.Array
   k2: jax.Array
@@ -72,6 +71,7 @@ class _Scalars(NamedTuple):
   phi: jax.Array
   new_count: jax.Array
   resets: jax.Array
+  one: jax.Array
 
 
 def _scalars(state: SpamState, learning_rate: Any, b1: float, b2: float,
@@ -89,21 +89,28 @@ def _scalars(state: SpamState, learning_rate: Any, b1: float, b2: float,
       c2=1 - jnp.asarray(b2, jnp.float32) ** new_count,
       lr=learning_rate(state.step) if callable(learning_rate) else learning_rate,
       phi=_warmup(count, resets, warmup_steps), new_count=new_count,
-      resets=resets)
+      resets=resets, one=jnp.ones((), jnp.float32))
 
 
-def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
-          cpu: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, w: Any):
-  """One leaf's (update, mu, nu, max excess).
+def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
+             g: jax.Array, m: jax.Array, v: jax.Array):
+  """One leaf's (mu, nu, max excess).
 
   Written for XLA:CPU: the only sqrt besides Adam's is the clip level
   inside the first moment's update; v's update and the non-finite test use
   squares (``min(g**2, theta v_hat)`` = the clipped ``g**2``), so no
   expensive op has several consumers; the figure's reduction holds only
   ops XLA:CPU's reduction kernels fuse (no select: the min with ``v *
-  1e38`` is <= 0 where ``v = 0``), and v's in-place update waits for it
-  (no copy of the old v where leaves share a shape; tying it to m as well
-  changed no buffer and cost 7% of the step's HLO, compile time)."""
+  1e38`` is <= 0 where ``v = 0``).
+
+  No copy of the old v: its in-place update waits for the other readers
+  of the old v (the figure, m's update), and is divided by ``sc.one``, a 1
+  that XLA:CPU cannot see (it comes out of a conditional,
+  :func:`_xla.operands`; elsewhere it folds away). That makes the new v an
+  expensive op, which the update's loop (:func:`_step`) reads rather than
+  recomputes from the old v. Without both, XLA:CPU copied every leaf's
+  ``nu`` to a fresh buffer each step (50M params in 100 leaves: 32k page
+  faults a step, 3.4x an Adam step; 2.2x without)."""
   acc = _norms.acc_dtype(g)
   g32, v_old = g.astype(acc), v.astype(acc)
   k2 = sc.k2.astype(acc)
@@ -134,15 +141,38 @@ def _leaf(sc: _Scalars, b1: float, b2: float, eps: float, weight_decay: float,
   lim = jnp.sqrt(cap)
   gc = jnp.where(can, jnp.clip(g32, -lim, lim), g32).astype(g.dtype)
   m_new = jnp.where(ok, (1 - b1) * gc + b1 * m, m)
-  v_new = _xla.after(jnp.where(ok, v_raw, v), excess, cpu=cpu)
-  u = (m_new / sc.c1.astype(m_new.dtype)) / (
-      jnp.sqrt(v_new / sc.c2.astype(v_new.dtype)) + eps)
+  v_new = _xla.after(jnp.where(ok, v_raw, v), excess, m_new, cpu=cpu)
+  v_new = v_new / sc.one.astype(v_new.dtype)
+  return m_new.astype(m.dtype), v_new.astype(v.dtype), excess
+
+
+def _step(sc: _Scalars, eps: float, weight_decay: float, g: jax.Array,
+          m: jax.Array, v: jax.Array, w: Any) -> jax.Array:
+  """One leaf's update from its new moments (Adam's formula). Traced after
+  every leaf's moments, behind a barrier (on CPU): with the update traced
+  next to its own leaf's moments XLA merged its division by the bias
+  correction with the one of :func:`_moments` and recomputed the new v in
+  the update's loop again (and copied the old v)."""
+  u = (m / sc.c1.astype(m.dtype)) / (
+      jnp.sqrt(v / sc.c2.astype(v.dtype)) + eps)
   u = u * sc.phi.astype(u.dtype)
   if weight_decay:
     u = u + weight_decay * w
   # NaN: its moments were kept; a NaN update.
-  u = jnp.where(jnp.isnan(g), jnp.nan, -sc.lr * u).astype(g.dtype)
-  return u, m_new.astype(m.dtype), v_new.astype(v.dtype), excess
+  return jnp.where(jnp.isnan(g), jnp.nan, -sc.lr * u).astype(g.dtype)
+
+
+def _leaves(sc: _Scalars, b1: float, b2: float, eps: float,
+            weight_decay: float, gs: list, ms: list, vs: list, ws: list):
+  """Every leaf's (update, mu, nu, max excess), as lists: all the moments
+  first, behind a barrier on CPU, then the updates (see :func:`_step`)."""
+  cpu = _xla.on_cpu()
+  outs = [_moments(sc, b1, b2, cpu, g, m, v) for g, m, v in zip(gs, ms, vs)]
+  mu, nu, excess = (list(x) for x in zip(*outs)) if outs else ([],) * 3
+  mu, nu = jax.lax.platform_dependent(
+      (mu, nu), cpu=jax.lax.optimization_barrier, default=lambda x: x)
+  return ([_step(sc, eps, weight_decay, *x) for x in zip(gs, mu, nu, ws)],
+          mu, nu, excess)
 
 
 def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
@@ -228,15 +258,12 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     # once, as operands of every leaf's loop (CPU: else each recomputes it)
     sc = _xla.operands(sc._replace(lr=jnp.asarray(sc.lr, jnp.float32)),
                        state.step)
-    leaf = functools.partial(_leaf, sc, b1, b2, eps, weight_decay,
-                             _xla.on_cpu())
     leaves, treedef = jax.tree.flatten(updates)
-    w_leaves = (treedef.flatten_up_to(params) if weight_decay
-                else [None] * len(leaves))
-    outs = [leaf(g, m, v, w) for g, m, v, w in zip(
-        leaves, treedef.flatten_up_to(state.adam.mu),
-        treedef.flatten_up_to(state.adam.nu), w_leaves)]
-    u, mu, nu, excess = (list(x) for x in zip(*outs)) if outs else ([],) * 4
+    u, mu, nu, excess = _leaves(sc, b1, b2, eps, weight_decay, leaves,
+                                *(treedef.flatten_up_to(x) for x in (
+                                    state.adam.mu, state.adam.nu)),
+                                treedef.flatten_up_to(params)
+                                if weight_decay else [None] * len(leaves))
     max_excess = jnp.where(sc.active, jnp.max(_xla.kept(jnp.stack(  # once
         excess + [jnp.full((), -jnp.inf)]))), -jnp.inf)  # not in every loop
     unf = lambda xs: jax.tree.unflatten(treedef, xs)
