@@ -148,11 +148,11 @@ def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
 
 def _step(sc: _Scalars, eps: float, weight_decay: float, g: jax.Array,
           m: jax.Array, v: jax.Array, w: Any) -> jax.Array:
-  """One leaf's update from its new moments (Adam's formula). Traced after
-  every leaf's moments, behind a barrier (on CPU): with the update traced
-  next to its own leaf's moments XLA merged its division by the bias
-  correction with the one of :func:`_moments` and recomputed the new v in
-  the update's loop again (and copied the old v)."""
+  """One leaf's update from its new moments (Adam's formula), which it
+  reads from behind a barrier on CPU (:func:`_leaves`): without it XLA:CPU
+  merged the division by the bias correction with the one of
+  :func:`_moments`, recomputed the new v in the update's loop and copied
+  the old v (``test_state_updated_in_place_where_leaves_share_a_shape``)."""
   u = (m / sc.c1.astype(m.dtype)) / (
       jnp.sqrt(v / sc.c2.astype(v.dtype)) + eps)
   u = u * sc.phi.astype(u.dtype)
