@@ -9,6 +9,7 @@ the compiled step, against what a leaf adds to Adam's. Compile time itself
 is a benchmark figure (``gradtransforms bench overhead --compile-leaves``).
 """
 
+import functools
 import re
 
 import chex
@@ -41,10 +42,13 @@ RATCHET = {
 }
 
 
-def _step_text(name: str | None, n: int, value: bool = False,
-               donate: bool = False) -> str:
+@functools.lru_cache(maxsize=None)
+def _step_text(name: str | None, n: int, value: bool = True,
+               donate: bool = True) -> str:
   """Optimized HLO of catalogue method ``name`` + Adam (None: Adam alone)
-  on ``n`` leaves of 4 shapes; ``value``: the loss passed as ``value=``."""
+  on ``n`` leaves of 4 shapes; ``value``: the loss passed as ``value=``.
+  Compiled once per arguments for all the tests of this file (most read
+  the donated step with a loss at 8 and 24 leaves)."""
   params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
   tx = (optax.with_extra_args_support(optax.adam(1e-3)) if name is None
         else ALL[name].build(optax.adam(1e-3), config="bench"))
@@ -58,7 +62,7 @@ def _step_text(name: str | None, n: int, value: bool = False,
 
 
 def _instructions(name: str | None, n: int) -> int:
-  text = _step_text(name, n, value=True, donate=True)
+  text = _step_text(name, n)
   return sum(1 for line in text.splitlines() if " = " in line)
 
 
@@ -112,7 +116,7 @@ def test_clip_decision_is_computed_once_per_leaf(name):
   def finite_checks(n):
     text = _step_text(name, n)
     return len(re.findall(r"\bis-finite\(", text))
-  per_leaf = (finite_checks(16) - finite_checks(8)) / 8
+  per_leaf = (finite_checks(24) - finite_checks(8)) / 16
   assert per_leaf <= (1 if name.startswith(("clip_by_", "clippy")) else 0), per_leaf
 
 
@@ -121,7 +125,7 @@ def test_adagc_scales_are_read_not_recomputed_per_leaf():
   per-tensor scales) reaches the leaves' loops as an operand: no loop of
   Adam's recomputes the selects over the whole vector (13 instructions in
   each of mu and nu, 2.4x Adam's per-leaf HLO before)."""
-  n = 12
+  n = 8
   text = _step_text("adagc", n)
   leaf_loops = [c for c in re.split(r"\n(?=\S)", text)
                 if re.match(r"%fused\S* \(param_0\S*: f32\[4,\d\]", c)]
@@ -138,10 +142,10 @@ def test_agc_decides_every_unit_at_once_on_cpu():
     text = _step_text("adaptive_grad_clip", n)
     return {op: len(re.findall(rf" {op}\(", text))
             for op in ("compare", "select", "reduce")}
-  few, many = ops(8), ops(16)
+  few, many = ops(8), ops(24)
   assert many["compare"] == few["compare"], (few, many)
   assert many["select"] == few["select"], (few, many)
-  assert many["reduce"] - few["reduce"] == 2 * 8, (few, many)
+  assert many["reduce"] - few["reduce"] == 2 * 16, (few, many)
 
 def _distinct(text: str) -> tuple[int, int]:
   """Fused computations of ``text`` told apart after renaming (what XLA
@@ -183,7 +187,7 @@ def test_leaves_of_one_shape_share_their_computations(name):
   of 4 shapes the distinct computations may grow only by what joins the
   leaves (a concatenate of N operands): <= 3 instructions a leaf."""
   def distinct(n):
-    return _distinct(_step_text(name, n, value=True, donate=True))
+    return _distinct(_step_text(name, n))
   few, many = distinct(8), distinct(24)
   assert many[0] - few[0] <= 2, (few, many)
   assert (many[1] - few[1]) / 16 <= 3, (few, many)
@@ -241,3 +245,31 @@ def test_guard_traces_its_inner_once(check):
   assert len(calls) == 1
   want, _ = adam.update(grads, adam.init(params), params)
   chex.assert_trees_all_close(out, want, rtol=1e-6)
+
+
+# Still joining every leaf's figure in one fusion (issue 24 open): XLA:CPU
+# builds such a fusion in O(N^2) at compile time (adagc, donated: 26
+# operands at 8 leaves, 79 at 24). rewind's widest fusion is its fixed
+# bookkeeping (38 operands donated, 26 -> 19 not), not a join of leaves.
+_WIDE_JOINS = {"adagc"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[pytest.mark.xfail(
+        strict=True, reason="joins every leaf in one fusion (issue 24)")]
+        if n in _WIDE_JOINS else []) for n in sorted(ALL)])
+def test_no_fusion_reads_every_leaf_figure(name):
+  """Compile time linear in the leaves: no XLA:CPU fusion takes one operand
+  per leaf, so the widest fusion is as wide at 24 leaves as at 8 (Adam's
+  widest: 5; with the donated state the guard's bookkeeping is one fusion
+  of 19 operands however many leaves). A reduction of N per-leaf figures
+  left to XLA's simplifier became one fusion of N scalar operands, which
+  XLA:CPU's fusion pass builds in O(N^2) (clip_by_value: 11x Adam's compile
+  time at 1,000 leaves, 1.7x as one vector behind ``_xla.kept``)."""
+  def widest(n):
+    text = _step_text(name, n)
+    return max(text.count(", ", line.index(" fusion("),
+                          line.index("), kind=")) + 1
+               for line in text.splitlines() if " fusion(" in line)
+  few, many = widest(8), widest(24)
+  assert many <= few + 2, (few, many)

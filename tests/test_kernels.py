@@ -118,25 +118,27 @@ def _available(platform: str) -> str | None:
 
 
 _COMPILED: dict[tuple, tuple[int, int]] = {}
+_STEPS: dict[tuple, budgets.Step] = {}
 
 
 def _measure(what: str, name: str, platform: str, w: budgets.Workload):
   """(kernels, bytes) of ``what`` ("method", "reference", "adam") on ``w``;
-  one compile per distinct step: methods share their references and Adam."""
+  one compile per distinct step (methods share their references and Adam)
+  and one trace for both chips."""
   if what == "adam":  # also with_moment_reset's reference
-    key: tuple = ("reference", ("adam", None))
+    key: tuple = ("reference", ("adam", None), w)
   elif what == "reference":
-    key = ("reference", budgets.reference_key(name))
+    key = ("reference", budgets.reference_key(name), w)
   else:
-    key = ("method", name)
-  key += (platform, w)
-  if key not in _COMPILED:
-    step = (budgets.adam_step(w) if what == "adam" else
-            budgets.reference_step(name, w) if what == "reference" else
-            budgets.method_step(name, w))
-    s = step.compile(platform)
-    _COMPILED[key] = s.kernels, s.bytes
-  return _COMPILED[key]
+    key = ("method", name, w)
+  if key not in _STEPS:
+    _STEPS[key] = (budgets.adam_step(w) if what == "adam" else
+                   budgets.reference_step(name, w) if what == "reference" else
+                   budgets.method_step(name, w))
+  if key + (platform,) not in _COMPILED:
+    s = _STEPS[key].compile(platform)
+    _COMPILED[key + (platform,)] = s.kernels, s.bytes
+  return _COMPILED[key + (platform,)]
 
 
 def _per_leaf(n: int) -> budgets.Workload:

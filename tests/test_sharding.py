@@ -56,11 +56,18 @@ def run_steps(tx, params, seq, update):
   return outs, state
 
 
+@functools.lru_cache(maxsize=None)
+def _single_device(name):
+  """The unsharded run of ``name`` (shared by both specs below)."""
+  make = TRANSFORMS.get(name) or NO_AXIS[name]
+  return run_steps(make(), PARAMS, SEQ, jax.jit(make().update))
+
+
 @pytest.mark.parametrize("name", sorted(TRANSFORMS) + sorted(NO_AXIS))
 @pytest.mark.parametrize("spec", ["replicated", "fsdp"])
 def test_named_sharding_matches_single_device(mesh, name, spec):
   make = TRANSFORMS.get(name) or NO_AXIS[name]
-  ref_outs, ref_state = run_steps(make(), PARAMS, SEQ, jax.jit(make().update))
+  ref_outs, ref_state = _single_device(name)
   sharding = NamedSharding(mesh, P() if spec == "replicated" else P("d"))
   put = lambda t: jax.device_put(t, sharding)
   tx = make()

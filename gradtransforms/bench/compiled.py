@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import re
 import time
@@ -140,6 +141,13 @@ def unavailable(platform: str) -> str | None:
   return None
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted(fn: Callable, donate_argnums: tuple[int, ...]) -> Any:
+  """One ``jax.jit`` of ``fn`` for every platform: its trace is reused
+  (a step compiled for an H100 and a TPU is traced once)."""
+  return jax.jit(fn, donate_argnums=donate_argnums)
+
+
 def compile_step(fn: Callable, *args, platform: str = "h100",
                  donate_argnums: tuple[int, ...] = (),
                  keep_hlo: bool = False) -> Structure:
@@ -148,7 +156,7 @@ def compile_step(fn: Callable, *args, platform: str = "h100",
   sharding = jax.sharding.SingleDeviceSharding(device(platform))
   specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       jax.numpy.shape(a), jax.numpy.result_type(a), sharding=sharding), args)
-  lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*specs)
+  lowered = _jitted(fn, donate_argnums).lower(*specs)
   start = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
