@@ -147,13 +147,14 @@ def test_guard_never_applies_nan_unlike_apply_if_finite_and_halts():
   nan = jax.tree.map(lambda x: x * jnp.nan, random_tree(4))
   ours = gt.guard(optax.sgd(0.1), max_consecutive_errors=3)
   ref = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3)
-  _, s_ours = ours.init(params), ref.init(params)
   s_ours, s_ref = ours.init(params), ref.init(params)
   p_ours, p_ref = params, params
+  # jitted (one compile each; eager updates: tests/test_checkpoint.py)
+  step_ours, step_ref = jax.jit(ours.update), jax.jit(ref.update)
   for _ in range(5):
-    u, s_ours = ours.update(nan, s_ours, p_ours)
+    u, s_ours = step_ours(nan, s_ours, p_ours)
     p_ours = optax.apply_updates(p_ours, u)
-    u, s_ref = ref.update(nan, s_ref, p_ref)
+    u, s_ref = step_ref(nan, s_ref, p_ref)
     p_ref = optax.apply_updates(p_ref, u)
   assert all(np.all(np.isnan(x)) for x in np_leaves(p_ref))  # optax gives up
   chex.assert_trees_all_equal(p_ours, params)
@@ -166,12 +167,13 @@ def test_guard_reset_inner_state_on_halt():
   params = random_tree(3)
   tx = gt.guard(optax.adam(1e-2), max_consecutive_errors=2, reset_inner_state=True)
   state = tx.init(params)
+  step = jax.jit(tx.update)
   for _ in range(3):
-    _, state = tx.update(random_tree(4), state, params)
+    _, state = step(random_tree(4), state, params)
   assert int(state.inner_state[0].count) == 3
   nan = jax.tree.map(lambda x: x * jnp.nan, params)
   for _ in range(2):
-    _, state = tx.update(nan, state, params)
+    _, state = step(nan, state, params)
   chex.assert_trees_all_equal(state.inner_state, optax.adam(1e-2).init(params))
   assert int(state.resets) == 1 and int(state.consecutive) == 0
 

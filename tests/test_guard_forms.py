@@ -193,41 +193,49 @@ def _tpu_norms(monkeypatch):
   monkeypatch.setattr(_norms, "lax", fake)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("bad", [None, jnp.nan, jnp.inf])
-def test_recorded_norms_tpu_form_within_bfloat16_rounding(monkeypatch, dtype,
-                                                          bad):
-  """monitor's per-leaf (and per-layer) norms and detect_spikes' global
-  norm under the TPU form: bfloat16 leaves within 2**-7 of NumPy's float64
-  norms (squares and sum each rounded to bfloat16); float16 and float32
-  leaves exactly the default form (squared in float32). A non-finite entry
-  still makes its leaf's norm, and the global norm, non-finite."""
+def _norm_grads(dtype, bad):
   g = {k: v for k, v in _tree(dtype).items() if k != "c"}
   g["big"] = jnp.asarray(np.random.default_rng(1).normal(size=(40, 300)) * 50,
                          dtype)
   if bad is not None:
     g["w"] = g["w"].at[2, 3].set(bad)
+  return g
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_recorded_norms_tpu_form_within_bfloat16_rounding(monkeypatch, dtype):
+  """monitor's per-leaf (and per-layer) norms and detect_spikes' global
+  norm under the TPU form: bfloat16 leaves within 2**-7 of NumPy's float64
+  norms (squares and sum each rounded to bfloat16); float16 and float32
+  leaves exactly the default form (squared in float32). A non-finite entry
+  (NaN, Inf: the same compiled steps) still makes its leaf's norm, and the
+  global norm, non-finite."""
+  cases = [(bad, _norm_grads(dtype, bad)) for bad in (None, jnp.nan, jnp.inf)]
   tx = gt.monitor(per_leaf=True, layer_axes={"s": 0})
-  default = jax.jit(tx.update)(g, tx.init(g))[1]
+  step = jax.jit(tx.update)
+  defaults = [step(g, tx.init(g))[1] for _, g in cases]
   _tpu_norms(monkeypatch)  # new transforms: jit caches the traces above
   tx = gt.monitor(per_leaf=True, layer_axes={"s": 0})
-  tpu = jax.jit(tx.update)(g, tx.init(g))[1]
+  step = jax.jit(tx.update)
   det = gt.detect_spikes()
-  det_norm = gt.metrics(jax.jit(det.update)(g, det.init(g))[1])
-  want = {k: np.sqrt((np.asarray(x, np.float64) ** 2).reshape(
-      x.shape[0], -1).sum(1)) if k == "s" else
-      np.sqrt((np.asarray(x, np.float64) ** 2).sum()) for k, x in g.items()}
-  got = tpu.leaf_norm
-  flat = np.concatenate([np.atleast_1d(want[k]) for k in sorted(g)])
-  if dtype == jnp.bfloat16:
-    np.testing.assert_allclose(np.asarray(got.values), flat, rtol=2 ** -7)
-    assert not np.array_equal(np.asarray(got.values),  # the TPU form ran
-                              np.asarray(default.leaf_norm.values))
-  else:
-    np.testing.assert_array_equal(np.asarray(got.values),
-                                  np.asarray(default.leaf_norm.values))
-  total = np.sqrt(np.sum(flat ** 2))
-  np.testing.assert_allclose(float(tpu.norm), total, rtol=2 ** -7)
-  key = [k for k in det_norm if k.endswith("norm")][0]
-  np.testing.assert_allclose(float(det_norm[key]), total, rtol=2 ** -7)
-  assert np.isfinite(float(tpu.norm)) == (bad is None)
+  det_step = jax.jit(det.update)
+  for (bad, g), default in zip(cases, defaults):
+    tpu = step(g, tx.init(g))[1]
+    det_norm = gt.metrics(det_step(g, det.init(g))[1])
+    want = {k: np.sqrt((np.asarray(x, np.float64) ** 2).reshape(
+        x.shape[0], -1).sum(1)) if k == "s" else
+        np.sqrt((np.asarray(x, np.float64) ** 2).sum()) for k, x in g.items()}
+    got = tpu.leaf_norm
+    flat = np.concatenate([np.atleast_1d(want[k]) for k in sorted(g)])
+    if dtype == jnp.bfloat16:
+      np.testing.assert_allclose(np.asarray(got.values), flat, rtol=2 ** -7)
+      assert not np.array_equal(np.asarray(got.values),  # the TPU form ran
+                                np.asarray(default.leaf_norm.values))
+    else:
+      np.testing.assert_array_equal(np.asarray(got.values),
+                                    np.asarray(default.leaf_norm.values))
+    total = np.sqrt(np.sum(flat ** 2))
+    np.testing.assert_allclose(float(tpu.norm), total, rtol=2 ** -7)
+    key = [k for k in det_norm if k.endswith("norm")][0]
+    np.testing.assert_allclose(float(det_norm[key]), total, rtol=2 ** -7)
+    assert np.isfinite(float(tpu.norm)) == (bad is None), bad
