@@ -273,3 +273,44 @@ def test_no_fusion_reads_every_leaf_figure(name):
                for line in text.splitlines() if " fusion(" in line)
   few, many = widest(8), widest(24)
   assert many <= few + 2, (few, many)
+
+
+_HLO_SCRIPT = """
+import hashlib, re, sys
+import jax, jax.numpy as jnp, optax
+from gradtransforms.catalogue import CATALOGUE
+for name in sys.argv[1:]:
+  params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(8)}
+  tx = CATALOGUE[name].build(optax.adam(1e-3), config="bench")
+  def step(p, s, g):
+    u, s = tx.update(g, s, p, value=jnp.float32(1.0))
+    return optax.apply_updates(p, u), s
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params), params).compile().as_text()
+  # the computations only: not the module's name or its source locations
+  text = re.sub(r", metadata=\\{[^}]*\\}", "", text[text.index("\\n%"):])
+  print(name, hashlib.sha256(text.encode()).hexdigest())
+"""
+
+
+def test_suite_compile_flags_leave_the_optimized_hlo_alone():
+  """The suite compiles for the CPU at LLVM -O0 in one codegen module
+  (tests/conftest.py) to save time; every structure test reads optimized
+  HLO, which must then be exactly what a user's default compile gives. Here
+  a process with the default flags and this one compile the same steps
+  (source locations aside)."""
+  import hashlib
+  import os
+  import subprocess
+  import sys
+  names = ["guard", "clippy", "spam"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", _HLO_SCRIPT, *names], env=env,
+                       capture_output=True, text=True, check=True).stdout
+  theirs = dict(line.split() for line in out.splitlines() if line.strip())
+  assert "--xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"]
+  for name in names:
+    text = _step_text(name, 8)
+    text = re.sub(r", metadata=\{[^}]*\}", "", text[text.index("\n%"):])
+    ours = hashlib.sha256(text.encode()).hexdigest()
+    assert ours == theirs[name], name
