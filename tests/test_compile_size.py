@@ -10,7 +10,11 @@ is a benchmark figure (``gradtransforms bench overhead --compile-leaves``).
 """
 
 import functools
+import hashlib
+import os
 import re
+import subprocess
+import sys
 
 import chex
 import jax
@@ -40,6 +44,13 @@ RATCHET = {
     "clippy": 1.72, "monitor": 1.27, "detect_spikes": 1.27, "guard": 2.62,
     "rewind": 5.7, "with_moment_reset": 1.28, "spam": 3.45,
 }
+
+
+def _methods(over: set, reason: str) -> list:
+  """Every method as a test parameter, a strict xfail for those in
+  ``over`` (issue 24 open for them)."""
+  return [pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=reason)]
+                       if n in over else []) for n in sorted(ALL)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,10 +103,8 @@ def test_adam_per_leaf_is_its_three_loops(adam_per_leaf):
   assert 35 <= adam_per_leaf <= 60, adam_per_leaf
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[pytest.mark.xfail(
-        strict=True, reason="over 2x Adam's compile size (issue 24)")]
-        if n in OVER else []) for n in sorted(ALL)])
+@pytest.mark.parametrize("name", _methods(
+    OVER, "over 2x Adam's compile size (issue 24)"))
 def test_per_leaf_compile_size_within_target(name, ratios):
   assert ratios(name) <= TARGET, ratios(name)
 
@@ -176,10 +185,8 @@ def _distinct(text: str) -> tuple[int, int]:
 LEAF_SPECIFIC = {"rewind"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[pytest.mark.xfail(
-        strict=True, reason="a computation that grows per leaf (issue 24)")]
-        if n in LEAF_SPECIFIC else []) for n in sorted(ALL)])
+@pytest.mark.parametrize("name", _methods(
+    LEAF_SPECIFIC, "a computation that grows per leaf (issue 24)"))
 def test_leaves_of_one_shape_share_their_computations(name):
   """Leaves of one shape must compile to the same loops: XLA:CPU compiles
   each distinct fused computation once, so 100 leaves of 5 shapes cost
@@ -257,10 +264,8 @@ def test_guard_traces_its_inner_once(check):
 _WIDE_JOINS = {"adagc"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[pytest.mark.xfail(
-        strict=True, reason="joins every leaf in one fusion (issue 24)")]
-        if n in _WIDE_JOINS else []) for n in sorted(ALL)])
+@pytest.mark.parametrize("name", _methods(
+    _WIDE_JOINS, "joins every leaf in one fusion (issue 24)"))
 def test_no_fusion_reads_every_leaf_figure(name):
   """Compile time linear in the leaves: no XLA:CPU fusion takes one operand
   per leaf, so the widest fusion is as wide at 24 leaves as at 8 (Adam's
@@ -278,21 +283,21 @@ def test_no_fusion_reads_every_leaf_figure(name):
   assert many <= few + 2, (few, many)
 
 
+def _digest(text: str) -> str:
+  """A hash of the computations of optimized HLO ``text`` (not the
+  module's name or its source locations)."""
+  text = re.sub(r", metadata=\{[^}]*\}", "", text[text.index("\n%"):])
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+# _step_text and _digest in a process without this suite's flags
+# (importing this module does not run tests/conftest.py)
 _HLO_SCRIPT = """
-import hashlib, re, sys
-import jax, jax.numpy as jnp, optax
-from gradtransforms.catalogue import CATALOGUE
-for name in sys.argv[1:]:
-  params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(8)}
-  tx = CATALOGUE[name].build(optax.adam(1e-3), config="bench")
-  def step(p, s, g):
-    u, s = tx.update(g, s, p, value=jnp.float32(1.0))
-    return optax.apply_updates(p, u), s
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), params).compile().as_text()
-  # the computations only: not the module's name or its source locations
-  text = re.sub(r", metadata=\\{[^}]*\\}", "", text[text.index("\\n%"):])
-  print(name, hashlib.sha256(text.encode()).hexdigest())
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_compile_size import _digest, _step_text
+for name in sys.argv[2:]:
+  print(name, _digest(_step_text(name, 8)))
 """
 
 
@@ -302,18 +307,12 @@ def test_suite_compile_flags_leave_the_optimized_hlo_alone():
   HLO, which must then be exactly what a user's default compile gives. Here
   a process with the default flags and this one compile the same steps
   (source locations aside)."""
-  import hashlib
-  import os
-  import subprocess
-  import sys
   names = ["guard", "clippy", "spam"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", _HLO_SCRIPT, *names], env=env,
-                       capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+      [sys.executable, "-c", _HLO_SCRIPT, os.path.dirname(__file__), *names],
+      env=env, capture_output=True, text=True, check=True).stdout
   theirs = dict(line.split() for line in out.splitlines() if line.strip())
   assert "--xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"]
   for name in names:
-    text = _step_text(name, 8)
-    text = re.sub(r", metadata=\{[^}]*\}", "", text[text.index("\n%"):])
-    ours = hashlib.sha256(text.encode()).hexdigest()
-    assert ours == theirs[name], name
+    assert _digest(_step_text(name, 8)) == theirs[name], name
