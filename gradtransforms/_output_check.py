@@ -152,6 +152,7 @@ def guarded_in_place(run, pre_skip, grads, old_state, params, check_output,
       ok = lax.psum((~ok).astype(jnp.int32), axis_name) == 0
     out_bad = ~pre_skip & ~ok
   skip = pre_skip | out_bad
+  skip = _xla.flag_operand(skip)  # read, not recomputed, by every leaf
   updates, state = _in_place.step(run, skip, grads, old_state, params,
                                   None if skip_state is None else skip_state(skip))
   return _xla.skip_updates(skip, updates), state, out_bad

@@ -179,7 +179,8 @@ def prepare(check: jax.Array, pending: jax.Array, redo: jax.Array,
     fine_p, fine_i = flags(
         jnp.where(check, _all_finite(params), True),
         jnp.where(pending, _all_finite([*big, *small]), True))
-    s, si = _select(pending & fine_p & fine_i, write(big), (s, si))
+    commit = _xla.flag_operand(pending & fine_p & fine_i)  # read per leaf
+    s, si = _select(commit, write(big), (s, si))
     return fine_p, fine_i, s, si, big
 
   fine_p, fine_i, s, si, big = maybe(check | redo, body, (

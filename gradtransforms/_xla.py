@@ -216,3 +216,13 @@ def operands(parts: Any, anchor: jax.Array) -> Any:
                     lambda: jax.tree.map(jnp.zeros_like, parts))
   return lax.platform_dependent(live, parts, cpu=via_cond,
                                 default=lambda live, parts: parts)
+
+
+def flag_operand(flag: jax.Array) -> jax.Array:
+  """A bool scalar that every leaf's loop reads as a plain operand on CPU
+  (:func:`operands`, anchored on the flag itself): a skip or commit
+  decision made of a chain of scalar ops that XLA:CPU otherwise copies into
+  each loop that selects on it (rewind's snapshot write: 17 instructions a
+  carried buffer instead of 5; rewind at 100 leaves: 27,281 instructions
+  compiled -> 21,479). GPU/TPU: ``flag`` itself."""
+  return operands(flag, flag.astype(jnp.int32))
