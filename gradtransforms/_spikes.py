@@ -143,7 +143,7 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
   if parts is None:
     parts = _norms.leaf_sumsq(leaves, lay, axis_name, recorded=True)
   sq = _norms.stacked_sums(parts, lay)
-  n = jnp.sqrt(jnp.sum(sq))
+  n = jnp.sqrt(_norms.total(parts, sq))
   finite = jnp.isfinite(n)
   norm_stats, norm_z, norm_spike = _stats.series_observe(
       state.norm_stats, jnp.log(n), decay, z_thresh, warmup_steps)

@@ -22,6 +22,8 @@ def _tree(dtype=jnp.float32):
   rng = np.random.default_rng(0)
   return {"w": jnp.asarray(rng.normal(size=(5, 7)), dtype),
           "s": jnp.asarray(rng.normal(size=(3, 4, 2)), dtype),
+          "t": jnp.asarray(rng.normal(size=(3, 4, 2)), dtype),
+          "u": jnp.asarray(rng.normal(size=(2, 5, 3)), dtype),
           "v": jnp.asarray(rng.normal(size=(6,)), dtype),
           "e": jnp.zeros((0, 3), dtype), "c": jnp.asarray(2.0, dtype)}
 
@@ -29,12 +31,16 @@ def _tree(dtype=jnp.float32):
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("bad", [None, jnp.nan, jnp.inf, -jnp.inf])
-def test_fused_sums_and_output_check_match_numpy(form, dtype, bad):
+@pytest.mark.parametrize("where", ["s", "u", "w"])
+def test_fused_sums_and_output_check_match_numpy(form, dtype, bad, where):
+  """Three stacked leaves (two of one shape, whose finiteness rows are
+  added elementwise) and plain ones; the bad entry in either kind."""
   g = _tree(dtype)
   probe = jax.tree.map(lambda x: 3 * x, g)
   if bad is not None:
-    probe["s"] = probe["s"].at[1, 2, 0].set(bad)
-  lay = _layout.layout(g, lambda name, x: 0 if name == "['s']" else None)
+    probe[where] = probe[where].at[(1,) * probe[where].ndim].set(bad)
+  lay = _layout.layout(g, lambda name, x: 0 if name in ("['s']", "['t']", "['u']")
+                       else None)
   leaves = jax.tree.leaves(g)
   parts, ok = jax.jit(lambda l, p: FORMS[form](l, lay.axes, p, None))(
       leaves, jax.tree.leaves(probe))
