@@ -505,3 +505,33 @@ def test_empty_tree_and_bf16_params():
       jax.tree.map(lambda x: x.astype(jnp.float32), ps[2]),
       jax.tree.map(lambda x: x.astype(jnp.float32), ps[1]))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ps[2]))
+
+
+@pytest.mark.parametrize("leaf,bad", [("a", jnp.nan), ("w", jnp.inf),
+                                      ("b", -jnp.inf)])
+def test_non_finite_inner_state_is_never_written_into_the_snapshot(leaf, bad):
+  """The pending write also checks the inner state's arrays (``a`` and
+  ``w`` share a shape, ``b`` has its own): one bad entry in any of them
+  and the snapshot keeps its previous contents; without it, it is written."""
+  params = {"a": jnp.full((2, 3), 0.5), "w": PARAMS["w"], "b": PARAMS["b"]}
+  tx = gt.rewind(optax.trace(0.9), every=2)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p, value=jnp.float32(1.0)))
+  p = params
+  for _ in range(2):  # a clean window: snapshot_step 2, not written yet
+    u, state = step(p, state, ones_like(p))
+    p = optax.apply_updates(p, u)
+  first = state.snapshot_inner
+  trace = dict(state.inner_state.trace)
+  trace[leaf] = trace[leaf].at[(0,) * trace[leaf].ndim].set(bad)
+  state = state._replace(inner_state=state.inner_state._replace(trace=trace))
+  _, state = step(p, state, ones_like(p))
+  assert int(state.written) == 0
+  assert bits_equal(state.snapshot, params) and bits_equal(state.snapshot_inner,
+                                                           first)
+  clean = tx.init(params)  # the same steps without the bad entry: written
+  p = params
+  for _ in range(3):
+    u, clean = step(p, clean, ones_like(p))
+    p = optax.apply_updates(p, u)
+  assert int(clean.written) == 2
