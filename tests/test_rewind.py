@@ -255,16 +255,21 @@ def test_snapshot_is_written_by_the_next_update():
   assert bits_equal(s3.snapshot, p2) and not bits_equal(p1, p2)
 
 
+def _steps(step, p, state, n):
+  """``n`` jitted steps ``step(p, s, g)`` on gradients of ones."""
+  for _ in range(n):
+    u, state = step(p, state, ones_like(p))
+    p = optax.apply_updates(p, u)
+  return p, state
+
+
 def test_non_finite_params_are_never_written_into_the_snapshot():
   """Params that turn Inf between a window's end and the next update: the
   write is refused, the step rewinds to the previous snapshot and halts."""
   tx = gt.rewind(optax.sgd(0.1), every=2)
   state = tx.init(PARAMS)
   step = jax.jit(lambda p, s, g: tx.update(g, s, p, value=jnp.float32(1.0)))
-  p = PARAMS
-  for _ in range(2):  # a clean window: snapshot_step 2, not written yet
-    u, state = step(p, state, ones_like(p))
-    p = optax.apply_updates(p, u)
+  p, state = _steps(step, PARAMS, state, 2)  # a clean window: not written yet
   p = {**p, "w": p["w"].at[0, 0].set(jnp.inf)}
   u, state = step(p, state, ones_like(p))
   m = {k: float(v) for k, v in gt.metrics(state).items()}
@@ -517,10 +522,7 @@ def test_non_finite_inner_state_is_never_written_into_the_snapshot(leaf, bad):
   tx = gt.rewind(optax.trace(0.9), every=2)
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: tx.update(g, s, p, value=jnp.float32(1.0)))
-  p = params
-  for _ in range(2):  # a clean window: snapshot_step 2, not written yet
-    u, state = step(p, state, ones_like(p))
-    p = optax.apply_updates(p, u)
+  p, state = _steps(step, params, state, 2)  # a clean window: not written yet
   first = state.snapshot_inner
   trace = dict(state.inner_state.trace)
   trace[leaf] = trace[leaf].at[(0,) * trace[leaf].ndim].set(bad)
@@ -529,9 +531,5 @@ def test_non_finite_inner_state_is_never_written_into_the_snapshot(leaf, bad):
   assert int(state.written) == 0
   assert bits_equal(state.snapshot, params) and bits_equal(state.snapshot_inner,
                                                            first)
-  clean = tx.init(params)  # the same steps without the bad entry: written
-  p = params
-  for _ in range(3):
-    u, clean = step(p, clean, ones_like(p))
-    p = optax.apply_updates(p, u)
+  _, clean = _steps(step, params, tx.init(params), 3)  # no bad entry: written
   assert int(clean.written) == 2
