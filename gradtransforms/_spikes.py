@@ -244,6 +244,11 @@ def _assemble(state, g, size, off, *, n, finite, loss, norm_stats, loss_stats,
 
   def count(old, flag, rule):
     return old if off[rule] else _stats.inc(old, flag)
+  # An off rule's flag passed on unchanged: XLA:GPU copied each such donated
+  # bool scalar in a kernel of its own; ``& live`` (always True, not to
+  # XLA) makes it one more output of the bookkeeping's kernel (H100, 8
+  # leaves: detect_spikes 27 -> 26 kernels, guard 36 -> 34; rewind 35 -> 36)
+  live = state.step >= 0
   return DetectSpikesState(
       step=_stats.inc(state.step), norm_stats=norm_stats, loss_stats=loss_stats,
       leaf_log_mean=state.leaf_log_mean.replace(g["mean"]),
@@ -259,11 +264,11 @@ def _assemble(state, g, size, off, *, n, finite, loss, norm_stats, loss_stats,
       nonfinite_since=state.nonfinite_since.replace(since),
       leaf_log_var=state.leaf_log_var.replace(g["var"]), raw_stats=raw_stats,
       layer_zscore=g["layer_z"],
-      layer_spike=state.layer_spike if off["layer"] else g["layer_spike"],
+      layer_spike=(state.layer_spike & live) if off["layer"] else g["layer_spike"],
       layer_spike_count=count(state.layer_spike_count, g["layer_spike"],
                               "layer"),
       sigma_zscore=sigma_z,
-      sigma_spike=state.sigma_spike if off["sigma"] else sigma_spike,
+      sigma_spike=(state.sigma_spike & live) if off["sigma"] else sigma_spike,
       sigma_spike_count=count(state.sigma_spike_count, sigma_spike, "sigma"))
 
 
