@@ -247,7 +247,8 @@ def _assemble(state, g, size, off, *, n, finite, loss, norm_stats, loss_stats,
   # An off rule's flag passed on unchanged: XLA:GPU copied each such donated
   # bool scalar in a kernel of its own; ``& live`` (always True, not to
   # XLA) makes it one more output of the bookkeeping's kernel (H100, 8
-  # leaves: detect_spikes 27 -> 26 kernels, guard 36 -> 34; rewind 35 -> 36)
+  # leaves: detect_spikes 27 -> 26 kernels, guard 36 -> 34; rewind 35 -> 36,
+  # which _snapshot.prepare's computed loop flags took back)
   live = state.step >= 0
   return DetectSpikesState(
       step=_stats.inc(state.step), norm_stats=norm_stats, loss_stats=loss_stats,
