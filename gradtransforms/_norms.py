@@ -113,18 +113,19 @@ def stacked_sums(parts: Sequence[jax.Array], lay: _layout.Layout) -> jax.Array:
   return _xla.kept(v)
 
 
-def total(parts: Sequence[jax.Array], stacked: jax.Array | None = None
-          ) -> jax.Array:
-  """The sum of every segment's figure: ``sum(stacked)``, where ``stacked``
-  is :func:`stacked_sums` of ``parts`` (None: computed here if needed). With per-layer ``(L,)`` parts,
-  those of one length are first added elementwise (one ``(L,)`` vector),
-  then reduced: XLA otherwise splits ``sum(concatenate(parts))`` into a
-  reduction of each leaf's vector, a kernel per stacked leaf on GPU (a
-  reduction's output cannot feed another reduction in one kernel); added
-  first, all of them are one kernel (monitor, 6 leaves of 4 layers, H100:
-  25 -> 19 kernels)."""
+def total(parts: Sequence[jax.Array], stacked: jax.Array | None) -> jax.Array:
+  """The sum of every segment's figure. Without a layer axis: ``sum(stacked)``
+  (``stacked``: :func:`stacked_sums` of ``parts``, the vector kept whole on
+  CPU). With per-layer ``(L,)`` parts (``stacked`` may then be None), those
+  of one length are first added elementwise, then reduced: XLA otherwise
+  splits ``sum(concatenate(parts))`` into a reduction of each leaf's vector,
+  a kernel per stacked leaf on GPU (a reduction's output cannot feed another
+  reduction in one kernel); added first, all of them are one kernel
+  (monitor, 6 leaves of 4 layers, H100: 25 -> 19 kernels)."""
   if not any(jnp.ndim(p) for p in parts):
-    return jnp.sum(_layout.stack(parts) if stacked is None else stacked)
+    if stacked is None:
+      raise ValueError("total: scalar parts need their stacked vector")
+    return jnp.sum(stacked)
   groups: dict[tuple, jax.Array] = {}
   for p in parts:
     key = jnp.shape(p)
