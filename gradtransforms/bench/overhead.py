@@ -106,6 +106,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                   default=[10, 100, 500, 1000], metavar="N",
                   help="leaf counts of the compile-time-vs-leaves plot (none: "
                   "skip it)")
+  ap.add_argument("--compile-repeats", type=positive_int, default=1,
+                  metavar="R", help="compile each step R times and keep the "
+                  "fastest (method and Adam interleaved)")
   ap.add_argument("--quick", action="store_true",
                   help="smoke test: 1M params, 10 leaves, 5 rounds, no models, "
                   "compile times at 10 and 20 leaves")
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not args.no_models:
       rows += measure_models(names, args.rounds, args.warmup, k, progress)
     for leaves in args.compile_leaves:
-      compiles += compile_times(names, leaves, progress)
+      compiles += compile_times(names, leaves, progress,
+                                args.compile_repeats)
   name = stem(platform_name)
 
   def plots(path):

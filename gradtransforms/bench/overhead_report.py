@@ -79,8 +79,10 @@ def compile_markdown(compiles: list[dict]) -> str:
   for m in methods:
     body.append((m, *[f"{by[m, n]['vs_adam']:.2f}" if (m, n) in by else None
                       for n in leaves]))
+  repeats = max((r.get("repeats", 1) for r in compiles), default=1)
+  best = f", each the fastest of {repeats} compiles" if repeats > 1 else ""
   return ("\nCompile time of the donated step with Adam / Adam's alone, by "
           "number of leaves (small leaves of 5 shapes; first row: Adam's "
-          "seconds).\n\n" + tables.markdown(
+          f"seconds{best}).\n\n" + tables.markdown(
               ("method", *[f"{n} leaves" for n in leaves]), body,
               align="l" + "r" * len(leaves)))
