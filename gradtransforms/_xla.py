@@ -84,18 +84,18 @@ def on_cpu() -> jax.Array:
 def after(x: jax.Array, *deps: jax.Array, cpu: jax.Array | None = None
           ) -> jax.Array:
   """``x``, on CPU computed after ``deps`` (arrays) have been: a select on a
-  comparison with each dep's first entry that is always false (not even
-  NaN is ``> inf``), which XLA cannot fold. For an in-place state update
-  whose old value other loops still read: XLA:CPU otherwise may copy the
-  old state to a fresh, page-faulted buffer first. On GPU/TPU the tie
-  would split a fused kernel, and is left out. ``cpu``: :func:`on_cpu`,
-  computed once by a caller that ties many leaves (the select then folds
-  away on GPU/TPU, to the same program)."""
+  comparison that is always false, the sum of each dep's first entry
+  ``> inf`` (not even NaN is; ``inf - inf`` is NaN), which XLA cannot
+  fold. For an in-place state update whose old value other loops still
+  read: XLA:CPU otherwise may copy the old state to a fresh, page-faulted
+  buffer first. On GPU/TPU the tie would split a fused kernel, and is left
+  out. ``cpu``: :func:`on_cpu`, computed once by a caller that ties many
+  leaves (the select then folds away on GPU/TPU, to the same program)."""
   def tied(x, *deps, cpu=True):
-    never = jnp.zeros((), bool)
-    for d in deps:
-      if d.size:
-        never = never | (d.reshape(-1)[0] > jnp.inf)
+    firsts = [d.reshape(-1)[0].astype(jnp.float32) for d in deps if d.size]
+    if not firsts:
+      return x
+    never = sum(firsts[1:], firsts[0]) > jnp.inf
     return jnp.where(cpu & never, jnp.zeros_like(x), x)
   if cpu is not None:
     return tied(x, *deps, cpu=cpu)

@@ -42,7 +42,7 @@ RATCHET = {
     "adaptive_grad_clip": 1.72, "autoclip": 1.40, "zclip": 1.40,
     "adagc": 1.65, "quantile_clip": 1.40, "spike_clip": 2.42,
     "clippy": 1.72, "monitor": 1.27, "detect_spikes": 1.27, "guard": 2.62,
-    "rewind": 4.4, "with_moment_reset": 1.28, "spam": 3.45,
+    "rewind": 4.4, "with_moment_reset": 1.28, "spam": 2.57,
 }
 
 

@@ -183,6 +183,42 @@ def test_nonfinite_entries_never_enter_the_moments():
   assert float(u["w"][0]) == 0.0 and float(s0.adam.nu["w"][0]) == 0.0
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_entry_at_a_reset_keeps_the_reset_moments(bad):
+  """A reset zeroes the moments also where the entry is non-finite (the
+  kept moments are the reset ones, 0, never the stale ones before it); the
+  finite entries restart as Adam's first step."""
+  tx = gt.spam(1e-2, threshold=4.0, interval=2, warmup_steps=0)
+  p = {"w": jnp.zeros(3)}
+  s = tx.init(p)
+  for _ in range(2):
+    _, s = tx.update({"w": jnp.asarray([1.0, 2.0, 3.0])}, s)
+  assert float(s.adam.mu["w"][0]) > 0
+  u, s = tx.update({"w": jnp.asarray([bad, 2.0, 3.0])}, s)  # step 2: reset
+  assert int(s.resets) == 1
+  assert float(s.adam.mu["w"][0]) == 0.0 and float(s.adam.nu["w"][0]) == 0.0
+  np.testing.assert_allclose(s.adam.mu["w"][1:], [0.2, 0.3], rtol=1e-6)
+  np.testing.assert_allclose(s.adam.nu["w"][1:], [0.004, 0.009], rtol=1e-5)
+  assert np.isnan(u["w"][0]) == np.isnan(bad)
+  np.testing.assert_allclose(u["w"][1:], -1e-2, rtol=1e-5)  # Adam's first step
+
+
+def test_float16_square_that_overflows_keeps_both_moments():
+  """float16: a finite gradient whose square is not (300**2 > 65504) keeps
+  m and v alike (m moved alone would take a step of m / eps); a zero
+  gradient at step 0 updates by 0, not ``0 / 0`` (``eps`` is 0 in float16,
+  ``optax.adam`` gives NaN there)."""
+  tx = gt.spam(1e-2, warmup_steps=0)
+  p = {"w": jnp.zeros(3, jnp.float16)}
+  s = tx.init(p)
+  u, s = tx.update({"w": jnp.asarray([300.0, 1.0, 0.0], jnp.float16)}, s)
+  assert s.adam.mu["w"].dtype == jnp.float16 and u["w"].dtype == jnp.float16
+  assert float(s.adam.mu["w"][0]) == 0.0 and float(s.adam.nu["w"][0]) == 0.0
+  assert float(u["w"][0]) == 0.0 and float(u["w"][2]) == 0.0
+  np.testing.assert_allclose(float(s.adam.mu["w"][1]), 0.1, rtol=1e-3)
+  np.testing.assert_allclose(float(u["w"][1]), -1e-2, rtol=1e-3)
+
+
 def test_bad_arguments_are_named():
   for kw, arg in [({"b1": 1.0}, "b1"), ({"b2": -0.1}, "b2"), ({"eps": -1.0}, "eps"),
                   ({"threshold": 0.0}, "threshold"), ({"interval": 0}, "interval"),
