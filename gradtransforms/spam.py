@@ -3,6 +3,7 @@ periodic moment resets."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -199,11 +200,14 @@ def _leaves(sc: _Scalars, b1: float, b2: float, eps: float,
   """Every leaf's (update, mu, nu, max excess), as lists: all the moments
   first, behind a barrier on CPU, then the updates (see :func:`_step`)."""
   cpu = _xla.on_cpu()
-  outs = [_moments(sc, b1, b2, cpu, g, m, v) for g, m, v in zip(gs, ms, vs)]
+  moments = _xla.per_leaf(functools.partial(_moments, b1=b1, b2=b2))
+  step = _xla.per_leaf(functools.partial(_step, eps=eps,
+                                         weight_decay=weight_decay))
+  outs = [moments(sc, cpu=cpu, g=g, m=m, v=v) for g, m, v in zip(gs, ms, vs)]
   mu, nu, excess = (list(x) for x in zip(*outs)) if outs else ([],) * 3
   mu, nu = jax.lax.platform_dependent(
       (mu, nu), cpu=jax.lax.optimization_barrier, default=lambda x: x)
-  return ([_step(sc, eps, weight_decay, *x) for x in zip(gs, mu, nu, ws)],
+  return ([step(sc, g=g, m=m, v=v, w=w) for g, m, v, w in zip(gs, mu, nu, ws)],
           mu, nu, excess)
 
 
