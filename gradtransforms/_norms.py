@@ -77,8 +77,10 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   (measured: 1.000x Adam's bytes and 100 kernels at 100 leaves, against
   1.143x and 202 with float32 squares). Elsewhere, and for float16 (whose
   squares overflow beyond 256), the float32 form."""
+  one = _xla.per_leaf(sumsq, ("axis", "native"))
+
   def sums(*xs, native=False):
-    return [sumsq(x, a, native) for x, a in zip(xs, lay.axes)]
+    return [one(x, axis=a, native=native) for x, a in zip(xs, lay.axes)]
   if recorded and any(x.dtype == jnp.bfloat16 for x in leaves):
     parts = lax.platform_dependent(
         *leaves, tpu=lambda *xs: sums(*xs, native=True), default=sums)
@@ -228,8 +230,12 @@ def zeros_like_tree(tree: Any) -> Any:
 def scale_parts(leaves: Sequence[jax.Array], lay: _layout.Layout,
                 scales: Sequence[jax.Array]) -> list[jax.Array]:
   """Leaf ``i`` times its own scale (a scalar, or one per layer slice)."""
-  return [scale(x, _layout.broadcast(s, x, a))
-          for x, s, a in zip(leaves, scales, lay.axes)]
+  one = _xla.per_leaf(_scale_along, ("axis",))
+  return [one(x, s, axis=a) for x, s, a in zip(leaves, scales, lay.axes)]
+
+
+def _scale_along(x: jax.Array, s: jax.Array, axis: int | None) -> jax.Array:
+  return scale(x, _layout.broadcast(s, x, axis))
 
 
 
@@ -246,6 +252,7 @@ def segment_scales(fn: Any, parts: Sequence[jax.Array], stacked: jax.Array,
   :func:`scales_inline` for every leaf: a static slice bakes its index
   into each leaf's loops, making them distinct computations (6x4 stacked
   at 24 leaves: 0.4 s of compilation -> 2.2 s)."""
+  fn = _xla.per_leaf(fn)
   if all(a is None for a in lay.axes):
     return [fn(p) for p in parts]
   return lax.platform_dependent(

@@ -145,7 +145,7 @@ def read_once(state: Any) -> tuple[Any, Any]:
   return jax.tree.unflatten(tree, new_leaves), restore
 
 
-def per_leaf(fn: Any) -> Any:
+def per_leaf(fn: Any, static_argnames: tuple[str, ...] = ()) -> Any:
   """``fn`` (a function applied to every leaf) as one ``jax.jit``: traced
   once per distinct leaf shape and dtype, where called as it is each of
   its ``jnp`` ops is traced again for every leaf (each a jit of its own:
@@ -153,8 +153,8 @@ def per_leaf(fn: Any) -> Any:
   trace at 500 leaves than XLA takes to compile them). XLA inlines the
   calls before it optimizes: the compiled program is the same. Make one
   per ``update`` call; pass what varies as arguments (static ones bound
-  with ``functools.partial``)."""
-  return jax.jit(fn)
+  with ``functools.partial``, or named in ``static_argnames``)."""
+  return jax.jit(fn, static_argnames=static_argnames)
 
 
 def traced_once(inner: Any) -> Any:

@@ -112,13 +112,16 @@ def clippy(relative_factor: float = 0.5, absolute_factor: float = 1e-2, *,
     lay = _layout.layout(updates, layer_axes)
     _layout.check_names(lay, state.scale, "clippy")
     w_leaves = treedef.flatten_up_to(params)
-    peaks = [peak(u, w, a) for u, w, a in zip(leaves, w_leaves, lay.axes)]
+    peak_of = _xla.per_leaf(peak, ("axis",))  # traced once per leaf shape
+    peaks = [peak_of(u, w, axis=a)
+             for u, w, a in zip(leaves, w_leaves, lay.axes)]
     if axis_name is not None:
       peaks = jax.lax.pmax(peaks, axis_name)
     if all(m.dtype == jnp.float32 for m in peaks):
       scales = _norms.segment_scales(scale, peaks, _layout.stack(peaks), lay)
     else:  # float64: each leaf's ratio in its own precision
-      scales = [scale(m) for m in peaks]
+      scale_of = _xla.per_leaf(scale)
+      scales = [scale_of(m) for m in peaks]
     out = _norms.scale_parts(leaves, lay, scales)
     return jax.tree.unflatten(treedef, out), ClippyState(
         state.scale.replace(_layout.stack(scales)))

@@ -82,6 +82,13 @@ def _new_bound(sc: tuple, b2: float, g: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sqrt(v_new * k2.astype(acc)).astype(b.dtype)
 
 
+def _clip(active: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
+  """``g`` clipped to ``[-b, b]`` (the new bound) once the clip is active."""
+  b = b.astype(_norms.acc_dtype(g))
+  return jnp.where(active, jnp.clip(g.astype(b.dtype), -b, b),
+                   g).astype(g.dtype)
+
+
 def _leaf_excess(g: jax.Array, b: jax.Array) -> jax.Array:
   """max |g| - bound: the one statistic XLA:CPU fuses into a single read
   (a count of clipped entries materialises a mask per leaf)."""
@@ -181,22 +188,19 @@ def spike_clip(threshold: float = 5000.0, decay: float = 0.999, *,
     sc = _xla.operands(jax.lax.optimization_barrier(
         _step_scalars(t, threshold, b2)), t)
     active = sc[0]
-
-    def clip(g, b):
-      b = b.astype(_norms.acc_dtype(g))
-      return jnp.where(active, jnp.clip(g.astype(b.dtype), -b, b),
-                       g).astype(g.dtype)
-
-    bound = jax.tree.map(functools.partial(_new_bound, sc, b2), updates,
+    # per leaf: traced once per leaf shape (_xla.per_leaf)
+    new_bound = _xla.per_leaf(functools.partial(_new_bound, b2=b2))
+    leaf_excess, clip = _xla.per_leaf(_leaf_excess), _xla.per_leaf(_clip)
+    bound = jax.tree.map(lambda g, b: new_bound(sc, g=g, b=b), updates,
                          state.bound)
     leaves, b_leaves = jax.tree.leaves(updates), jax.tree.leaves(bound)
     excess = jnp.max(_xla.kept(jnp.stack(
-        [_leaf_excess(g, b) for g, b in zip(leaves, b_leaves) if g.size]
+        [leaf_excess(g, b) for g, b in zip(leaves, b_leaves) if g.size]
         or [jnp.full((), -jnp.inf)])))
     if axis_name is not None:
       excess = jax.lax.pmax(excess, axis_name)
     excess = jnp.where(active, excess, -jnp.inf)
-    return (jax.tree.map(clip, updates, bound),
+    return (jax.tree.map(lambda g, b: clip(active, g, b), updates, bound),
             SpikeClipState(step=_stats.inc(t), bound=_state_copy(bound),
                            clipped=excess > 0, max_excess=excess))
 
