@@ -24,34 +24,61 @@ def _sums_and_finite_rows(leaves, lay_axes, probe, axis_name):
   one for the slice of layer sums (H100, 6 leaves of 4 layers: 5 kernels a
   leaf against ``apply_if_finite``'s 3)."""
   out, fins, fin_rows = [], [], []
+  plain, rows = _xla.per_leaf(_plain_pair, ("a",)), _xla.per_leaf(_row_pair)
+  stacked = _xla.per_leaf(_layer_rows)
   for x, a, u in zip(leaves, lay_axes, probe):
     if a not in (None, 0) or x.ndim < 2 or x.size == 0:
-      out.append(_norms.sumsq(x, a))
-      fins.append(_xla.zero_sum(u))
-      continue
-    layers = x.shape[0]
-    x = x.astype(_norms.acc_dtype(x)).reshape(-1, x.shape[-1])
-    u = u.astype(jnp.promote_types(u.dtype, jnp.float32)).reshape(x.shape)
-    sq_rows, fin = jnp.sum(x * x, axis=1), jnp.sum(u - u, axis=1)
-    if a == 0:
-      out.append(jnp.sum(sq_rows.reshape(layers, -1), axis=1))
+      sq, fin = plain(x, u, a=a)
+      out.append(sq)
+      fins.append(fin)
+    elif a == 0:
+      sq, fin = stacked(x, u)
+      out.append(sq)
       fin_rows.append(fin)
-      continue
-    # (2, 1) as (2, layers) was: finished as (2,), rewind's H100 step had
-    # 2 kernels more (230 against 228 at 100 leaves)
-    both = jnp.sum(jnp.stack([sq_rows, fin]).reshape(2, 1, -1), axis=2)
-    out.append(both[0, 0])
-    fins.append(jnp.sum(both[1]))
+    else:
+      sq, fin = rows(x, u)
+      out.append(sq)
+      fins.append(fin)
   if fin_rows:
     fins.append(_norms.total(fin_rows, None))
   return _finish(out, fins, lay_axes, axis_name)
 
 
+def _plain_pair(x, u, a):
+  return _norms.sumsq(x, a), _xla.zero_sum(u)
+
+
+def _rows_of(x, u):
+  x = x.astype(_norms.acc_dtype(x)).reshape(-1, x.shape[-1])
+  u = u.astype(jnp.promote_types(u.dtype, jnp.float32)).reshape(x.shape)
+  return jnp.sum(x * x, axis=1), jnp.sum(u - u, axis=1)
+
+
+def _layer_rows(x, u):
+  """A stacked leaf: its ``(L,)`` sums and its finiteness rows."""
+  sq_rows, fin = _rows_of(x, u)
+  return jnp.sum(sq_rows.reshape(x.shape[0], -1), axis=1), fin
+
+
+def _row_pair(x, u):
+  """A leaf's two sums, from its stacked row sums in one reduction ((2, 1)
+  as (2, layers) was: finished as (2,), rewind's H100 step had 2 kernels
+  more, 230 against 228 at 100 leaves)."""
+  sq_rows, fin = _rows_of(x, u)
+  both = jnp.sum(jnp.stack([sq_rows, fin]).reshape(2, 1, -1), axis=2)
+  return both[0, 0], jnp.sum(both[1])
+
+
 def _sums_and_finite_plain(leaves, lay_axes, probe, axis_name):
   """TPU form of :func:`sums_with_output_check`: plain sums (XLA:TPU fuses
   each leaf's two into one pass; stacking costs it a copy per leaf)."""
-  out = [_norms.sumsq(x, a) for x, a in zip(leaves, lay_axes)]
-  return _finish(out, [_xla.zero_sum(u) for u in probe], lay_axes, axis_name)
+  pair = _xla.per_leaf(_plain_pair, ("a",))
+  out, fins = [], []
+  for x, a, u in zip(leaves, lay_axes, probe):
+    sq, fin = pair(x, u, a=a)
+    out.append(sq)
+    fins.append(fin)
+  return _finish(out, fins, lay_axes, axis_name)
 
 
 def _finish(parts, fins, lay_axes, axis_name):
@@ -154,10 +181,10 @@ def guarded_in_place(run, pre_skip, grads, old_state, params, check_output,
       # masks share one leaf-sized buffer instead of adding up; the verdict
       # is passed on as a NaN, not by an ``&`` (XLA fused the chain of ands
       # into every leaf's loop: a program quadratic in the leaves).
-      ok = jnp.ones((), jnp.bool_)
+      ok, chained = jnp.ones((), jnp.bool_), _xla.per_leaf(_chained_finite)
       for u in out:
         if u.size and jnp.issubdtype(u.dtype, jnp.inexact):
-          ok = jnp.all(jnp.isfinite(jnp.where(ok, u, jnp.nan)))
+          ok = chained(ok, u)
       return ok
     ok = lax.cond(~pre_skip, probe, lambda *_: jnp.ones((), jnp.bool_),
                   grads, old_state, params)
@@ -169,3 +196,8 @@ def guarded_in_place(run, pre_skip, grads, old_state, params, check_output,
   updates, state = _in_place.step(run, skip, grads, old_state, params,
                                   None if skip_state is None else skip_state(skip))
   return _xla.skip_updates(skip, updates), state, out_bad
+
+
+def _chained_finite(ok: jax.Array, u: jax.Array) -> jax.Array:
+  """All of ``u`` finite, and ``ok`` (a NaN in every entry where not)."""
+  return jnp.all(jnp.isfinite(jnp.where(ok, u, jnp.nan)))

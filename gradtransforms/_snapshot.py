@@ -201,9 +201,15 @@ def _select(pred: jax.Array, new: Any, old: Any) -> Any:
   XLA:TPU then copied 3-D carries to another layout and back every step,
   and failed to compile them in host memory."""
   new_l, tdef = jax.tree.flatten(new)
+  on_device = _xla.per_leaf(_select_leaf)  # traced once per leaf shape
   return jax.tree.unflatten(tdef, [
       to_snapshot(jnp.where(pred, to_device(x).astype(y.dtype), to_device(y)),
-                  y) for x, y in zip(new_l, jax.tree.leaves(old))])
+                  y) if on_host(x) or on_host(y) else on_device(pred, x, y)
+      for x, y in zip(new_l, jax.tree.leaves(old))])
+
+
+def _select_leaf(pred: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.where(pred, x.astype(y.dtype), y)
 
 
 def restore_small(pred: jax.Array, snap_inner: Sequence[Any], live: Any
@@ -230,7 +236,9 @@ def restore_updates(pred: jax.Array, frozen: jax.Array, snap: Any,
   def back(s, p, u):
     return jnp.where(frozen, jnp.asarray(-0.0, u.dtype),
                      (to_device(s) - p).astype(u.dtype))
-  out = [x if on_host(s) else jnp.where(pred, back(s, p, x), x)
+  on_device = _xla.per_leaf(  # traced once per leaf shape
+      lambda pred, frozen, s, p, x: jnp.where(pred, back(s, p, x), x))
+  out = [x if on_host(s) else on_device(pred, frozen, s, p, x)
          for s, p, x in zip(snap, params, u)]
   host = [i for i, s in enumerate(snap) if on_host(s)]
   got = maybe(pred, lambda _: [back(snap[i], params[i], u[i]) for i in host],

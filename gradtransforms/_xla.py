@@ -35,8 +35,16 @@ def detach(updates: Any, figures: Any) -> tuple[Any, Any]:
 
 def skip_updates(skip: jax.Array, updates: Any) -> Any:
   """``where(skip, -0.0, updates)``: the update of a skipped step."""
-  return jax.tree.map(
-      lambda u: jnp.where(skip, jnp.asarray(-0.0, u.dtype), u), updates)
+  one = per_leaf(_skip_leaf)
+  return jax.tree.map(lambda u: one(skip, u), updates)
+
+
+def _skip_leaf(skip: jax.Array, u: jax.Array) -> jax.Array:
+  return jnp.where(skip, jnp.asarray(-0.0, u.dtype), u)
+
+
+def _select(pred: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.where(pred, a, b)
 
 
 def rollback_plain(skip: jax.Array, updates: Any, old_state: Any,
@@ -46,8 +54,9 @@ def rollback_plain(skip: jax.Array, updates: Any, old_state: Any,
   are the fastest form. ``-0.0`` keeps every parameter bit-identical under
   ``apply_updates``, ``-0.0`` parameters included. (On XLA:CPU the selects
   belong where the new state is computed: ``_in_place.step``.)"""
+  one = per_leaf(_select)
   return skip_updates(skip, updates), jax.tree.map(
-      lambda a, b: jnp.where(skip, a, b), old_state, new_state)
+      lambda a, b: one(skip, a, b), old_state, new_state)
 
 
 def fresh_state(init_fn):
@@ -201,7 +210,8 @@ def all_finite(tree: Any, axis_name: str | None = None) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.ones((), jnp.bool_)
-  s = jnp.sum(kept(jnp.stack([zero_sum(x) for x in leaves])))
+  one = per_leaf(zero_sum)
+  s = jnp.sum(kept(jnp.stack([one(x) for x in leaves])))
   if axis_name is not None:
     s = lax.psum(s, axis_name)
   return jnp.isfinite(s)

@@ -60,13 +60,10 @@ def _init(params) -> SpamState:
 
 
 class _Scalars(NamedTuple):
-  """One step's scalars: ``keep`` (0 at a reset, else 1) and
-  the decays times it, ``b1 keep`` and ``b2 keep`` (a reset folded into the
-  EMAs: the moments are finite, so ``0 * m = 0``); clip active, squared
-  clip factor ``k2 = threshold / (1 - b2**c)`` (``k2e``: inf where the clip
-  is not active) and ``k = sqrt(k2)``, bias corrections, learning
-  rate, warm-up factor, the step's ``rate = -lr phi``, counters after the step, and a 1 (see
-  :func:`_moments`)."""
+  """One step's scalars: ``keep`` (0 at a reset, else 1), ``b1 keep``, ``b2
+  keep``; clip active, ``k2 = threshold / (1 - b2**c)`` (``k2e``: inf where
+  the clip is not), ``k = sqrt(k2)``; bias corrections, learning rate,
+  warm-up factor, ``rate = -lr phi``, counters after the step, and a 1."""
   keep: jax.Array
   b1k: jax.Array
   b2k: jax.Array
@@ -116,12 +113,10 @@ def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
   ops XLA:CPU's reduction kernels fuse (no select: the min with ``v *
   1e38`` is <= 0 where ``v = 0``).
 
-  Per entry only what must be (XLA:CPU's compile time grows with the ops
-  of every leaf's loop): the reset is folded into the EMAs' scalars, the
-  clip's mask into its level (inf where nothing is clipped), the update's
-  ``-lr phi`` into one scalar, and m's loop tests the clipped square, not
-  v's EMA (per-leaf HLO 2.83x Adam's -> 2.45x; compile 2.0-2.3 s -> 1.45-1.6
-  s at 100 leaves).
+  Per entry only what must be (compile time grows with each loop's ops):
+  the reset folded into the EMAs' scalars (the moments are finite, so ``0
+  m = 0``), the clip's mask into its level, ``-lr phi`` one scalar, m's
+  loop testing the clipped square (per-leaf HLO 2.83x Adam's -> 2.45x).
 
   No copy of the old v: its in-place update waits for the other readers
   of the old v (the figure, m's update), and is divided by ``sc.one``, a 1
@@ -137,9 +132,8 @@ def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
   # |g| or of the bound), as _norms.leaf_sumsq's recorded sums: only then
   # does XLA:TPU fuse it into the optimizer's pass (1.000x Adam's bytes,
   # against 1.286)
-  # the level as sqrt(v) k, not the clip's sqrt(k2 v): XLA would share
-  # that sqrt, an expensive op with two consumers (the figure's reduction
-  # and m's loop), and XLA:CPU would write it to a leaf-sized buffer
+  # sqrt(v) k, not the clip's sqrt(k2 v): XLA would share that expensive op
+  # with m's loop and write it to a leaf-sized buffer on CPU
   def _excess(g, v, k):
     return jnp.max(jnp.minimum(jnp.abs(g) - jnp.sqrt(v) * k.astype(v.dtype),
                                v * 1e38)).astype(acc)
@@ -152,16 +146,13 @@ def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
   else:
     excess = _excess(g32, v_old, sc.k)
   excess = excess.astype(jnp.float32)  # before the first step: -inf below
-  # A reset zeroes the moments: through b1k, b2k and keep, no select.
-  # After a reset count = 0, so nothing is clipped and the old v is unread.
   # theta * v_hat, the squared clip level; inf where nothing is clipped (no
-  # history, v = 0; or the clip not active: k2e = inf), so that the clip is
-  # a plain min and clip, without a mask of its own
+  # history, v = 0; or not active, k2e = inf: also after a reset, whose
+  # zeroing is in b1k, b2k and keep), so the clip needs no mask of its own
   cap = jnp.where(v_old > 0, sc.k2e.astype(acc) * v_old, jnp.inf)
   sq_c = jnp.minimum(g32 * g32, cap).astype(v.dtype)
-  # The clipped square is finite iff the new v is (but for a rounding at
-  # the float's maximum, where v alone is kept): m's loop tests the square,
-  # not v's whole EMA again.
+  # finite iff the new v is (but for a rounding at the float's maximum,
+  # where v alone is kept): m's loop tests it, not v's EMA again
   ok = jnp.isfinite(sq_c)
   lim = jnp.sqrt(cap)
   gc = jnp.clip(g32, -lim, lim).astype(g.dtype)
