@@ -60,16 +60,12 @@ def _init(params) -> SpamState:
 
 
 class _Scalars(NamedTuple):
-  """One step's scalars: ``keep`` (0 at a reset, else 1), ``b1 keep``, ``b2
-  keep``; clip active, ``k2 = threshold / (1 - b2**c)`` (``k2e``: inf where
-  the clip is not), ``k = sqrt(k2)``; bias corrections, learning rate,
+  """One step's scalars: ``keep`` (0 at a reset, else 1); clip active, ``k2 = threshold / (1 - b2**c)`` (``k2e``: inf where
+  the clip is not); bias corrections, learning rate,
   warm-up factor, ``rate = -lr phi``, counters after the step, and a 1."""
   keep: jax.Array
-  b1k: jax.Array
-  b2k: jax.Array
   active: jax.Array
   k2e: jax.Array
-  k: jax.Array
   c1: jax.Array
   c2: jax.Array
   lr: Any
@@ -94,8 +90,8 @@ def _scalars(state: SpamState, learning_rate: Any, b1: float, b2: float,
   k2 = jnp.asarray(threshold, jnp.float32) / (
       1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1))
   return _Scalars(
-      keep=keep, b1k=keep * b1, b2k=keep * b2, active=count > 0,
-      k2e=jnp.where(count > 0, k2, jnp.inf), k=jnp.sqrt(k2),
+      keep=keep, active=count > 0,
+      k2e=jnp.where(count > 0, k2, jnp.inf),
       c1=1 - jnp.asarray(b1, jnp.float32) ** new_count,
       c2=1 - jnp.asarray(b2, jnp.float32) ** new_count,
       lr=lr, phi=phi, rate=-lr * phi, new_count=new_count,
@@ -116,7 +112,7 @@ def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
   Per entry only what must be (compile time grows with each loop's ops):
   the reset folded into the EMAs' scalars (the moments are finite, so ``0
   m = 0``), the clip's mask into its level, ``-lr phi`` one scalar, m's
-  loop testing the clipped square (per-leaf HLO 2.83x Adam's -> 2.45x).
+  loop testing the clipped square (per-leaf HLO 2.83x Adam's -> 2.49x).
 
   No copy of the old v: its in-place update waits for the other readers
   of the old v (the figure, m's update), and is divided by ``sc.one``, a 1
@@ -132,34 +128,37 @@ def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
   # |g| or of the bound), as _norms.leaf_sumsq's recorded sums: only then
   # does XLA:TPU fuse it into the optimizer's pass (1.000x Adam's bytes,
   # against 1.286)
-  # sqrt(v) k, not the clip's sqrt(k2 v): XLA would share that expensive op
-  # with m's loop and write it to a leaf-sized buffer on CPU
-  def _excess(g, v, k):
-    return jnp.max(jnp.minimum(jnp.abs(g) - jnp.sqrt(v) * k.astype(v.dtype),
-                               v * 1e38)).astype(acc)
+  # k2e (inf where the clip is not active: that figure is -inf all the same)
+  def _excess(g, v, k2e):
+    return jnp.max(jnp.minimum(
+        jnp.abs(g) - jnp.sqrt(k2e.astype(v.dtype) * v), v * 1e38)).astype(acc)
   if not g.size:
     excess = jnp.full((), -jnp.inf, acc)
   elif g.dtype == jnp.bfloat16 and v.dtype == jnp.bfloat16:
     excess = jax.lax.platform_dependent(
-        g, v, sc.k, tpu=_excess,
-        default=lambda g, v, k: _excess(g.astype(acc), v.astype(acc), k))
+        g, v, sc.k2e, tpu=_excess,
+        default=lambda g, v, k2e: _excess(g.astype(acc), v.astype(acc), k2e))
   else:
-    excess = _excess(g32, v_old, sc.k)
+    excess = _excess(g32, v_old, sc.k2e)
   excess = excess.astype(jnp.float32)  # before the first step: -inf below
   # theta * v_hat, the squared clip level; inf where nothing is clipped (no
   # history, v = 0; or not active, k2e = inf: also after a reset, whose
-  # zeroing is in b1k, b2k and keep), so the clip needs no mask of its own
-  cap = jnp.where(v_old > 0, sc.k2e.astype(acc) * v_old, jnp.inf)
-  sq_c = jnp.minimum(g32 * g32, cap).astype(v.dtype)
-  # finite iff the new v is (but for a rounding at the float's maximum,
-  # where v alone is kept): m's loop tests it, not v's EMA again
-  ok = jnp.isfinite(sq_c)
+  # zeroing is keep), so the clip needs no mask of its own
+  cap = sc.k2e * jnp.where(v_old > 0, v_old, jnp.inf)  # not k2e v: shared
+  # with the figure's, XLA:CPU would write that product to a leaf buffer
+  sq_c = jnp.minimum(g32 * g32, cap)
+  # finite in v's dtype iff the new v is (but for a rounding at the float's
+  # maximum, where v alone is kept): m's loop tests it, not v's EMA again
+  ok = jnp.isfinite(sq_c.astype(v.dtype))
   lim = jnp.sqrt(cap)
-  gc = jnp.clip(g32, -lim, lim).astype(g.dtype)
-  keep_m, keep_v = (sc.keep.astype(x.dtype) * x for x in (m, v))
-  m_new = jnp.where(ok, (1 - b1) * gc + sc.b1k.astype(m.dtype) * m, keep_m)
-  v_raw = (1 - b2) * sq_c + sc.b2k.astype(v.dtype) * v
-  v_new = _xla.after(jnp.where(jnp.isfinite(v_raw), v_raw, keep_v),
+  # The EMAs in float32 or wider, with one scalar of the step's: cast to a
+  # 16-bit moment dtype, or more of them, each was an H100 kernel
+  gc = jnp.clip(g32, -lim, lim)
+  km, kv = sc.keep * m.astype(acc), sc.keep * v_old  # 0 at a reset
+  m_new = jnp.where(ok, (1 - b1) * gc + b1 * km, km)
+  v_raw = ((1 - b2) * sq_c + b2 * kv).astype(v.dtype)
+  v_new = _xla.after(jnp.where(ok & jnp.isfinite(v_raw), v_raw,
+                               kv.astype(v.dtype)),
                      excess, m_new, cpu=cpu)
   v_new = v_new / sc.one.astype(v_new.dtype)
   return m_new.astype(m.dtype), v_new.astype(v.dtype), excess

@@ -359,3 +359,17 @@ def test_clip_by_value_recorded_peak_is_fused_on_accelerators(platform):
   got = budgets.tx_step(ours, w).compile(platform).bytes
   adam = _measure("adam", "clip_by_value", platform, w)[1]
   assert got <= BYTES_MARGIN * adam, got / adam
+
+
+def test_spam_moment_dtype_adds_no_kernels_on_h100():
+  """spam's step scalars stay float32 whatever the moments' dtype: each
+  cast to bfloat16 had been an H100 kernel of its own (6 x 24 stacked: 24
+  kernels in bfloat16 against 22 in float32, reference 21). The bfloat16
+  step compiles to as many kernels as the float32 one."""
+  reason = _available("h100")
+  if reason:
+    pytest.skip(reason)
+  f32 = budgets.Workload(6, 6 * 24 * PER, layers=24)
+  bf16 = budgets.Workload(6, 6 * 24 * PER, layers=24, dtype="bfloat16")
+  k32, k16 = (_measure("method", "spam", "h100", w)[0] for w in (f32, bf16))
+  assert k16 <= k32, (k16, k32)
