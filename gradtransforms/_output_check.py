@@ -29,16 +29,14 @@ def _sums_and_finite_rows(leaves, lay_axes, probe, axis_name):
   for x, a, u in zip(leaves, lay_axes, probe):
     if a not in (None, 0) or x.ndim < 2 or x.size == 0:
       sq, fin = plain(x, u, a=a)
-      out.append(sq)
       fins.append(fin)
     elif a == 0:
       sq, fin = stacked(x, u)
-      out.append(sq)
       fin_rows.append(fin)
     else:
       sq, fin = rows(x, u)
-      out.append(sq)
       fins.append(fin)
+    out.append(sq)
   if fin_rows:
     fins.append(_norms.total(fin_rows, None))
   return _finish(out, fins, lay_axes, axis_name)
@@ -73,12 +71,9 @@ def _sums_and_finite_plain(leaves, lay_axes, probe, axis_name):
   """TPU form of :func:`sums_with_output_check`: plain sums (XLA:TPU fuses
   each leaf's two into one pass; stacking costs it a copy per leaf)."""
   pair = _xla.per_leaf(_plain_pair, ("a",))
-  out, fins = [], []
-  for x, a, u in zip(leaves, lay_axes, probe):
-    sq, fin = pair(x, u, a=a)
-    out.append(sq)
-    fins.append(fin)
-  return _finish(out, fins, lay_axes, axis_name)
+  out, fins = zip(*[pair(x, u, a=a) for x, a, u in zip(leaves, lay_axes, probe)]
+                  ) if leaves else ((), ())
+  return _finish(list(out), list(fins), lay_axes, axis_name)
 
 
 def _finish(parts, fins, lay_axes, axis_name):

@@ -60,9 +60,10 @@ def _init(params) -> SpamState:
 
 
 class _Scalars(NamedTuple):
-  """One step's scalars: ``keep`` (0 at a reset, else 1); clip active, ``k2 = threshold / (1 - b2**c)`` (``k2e``: inf where
-  the clip is not); bias corrections, learning rate,
-  warm-up factor, ``rate = -lr phi``, counters after the step, and a 1."""
+  """One step's scalars: ``keep`` (0 at a reset, else 1); clip active;
+  ``k2e = threshold / (1 - b2**c)``, inf where the clip is not active;
+  bias corrections, learning rate, warm-up factor, ``rate = -lr phi``,
+  counters after the step, and a 1 (see :func:`_moments`)."""
   keep: jax.Array
   active: jax.Array
   k2e: jax.Array
@@ -110,8 +111,8 @@ def _moments(sc: _Scalars, b1: float, b2: float, cpu: jax.Array,
   1e38`` is <= 0 where ``v = 0``).
 
   Per entry only what must be (compile time grows with each loop's ops):
-  the reset folded into the EMAs' scalars (the moments are finite, so ``0
-  m = 0``), the clip's mask into its level, ``-lr phi`` one scalar, m's
+  the reset folded into one scalar ``keep`` (the moments are finite, so
+  ``0 m = 0``), the clip's mask into its level, ``-lr phi`` one scalar, m's
   loop testing the clipped square (per-leaf HLO 2.83x Adam's -> 2.49x).
 
   No copy of the old v: its in-place update waits for the other readers

@@ -60,6 +60,15 @@ def _step_text(name: str | None, n: int, value: bool = True,
   on ``n`` leaves of 4 shapes; ``value``: the loss passed as ``value=``.
   Compiled once per arguments for all the tests of this file (most read
   the donated step with a loss at 8 and 24 leaves)."""
+  step, params, state = _step_of(name, n, value)
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ()).lower(
+      params, state, params).compile().as_text()
+
+
+def _step_of(name: str | None, n: int, value: bool = True):
+  """``(step, params, state)``: catalogue method ``name`` + Adam (None:
+  Adam alone) on ``n`` leaves of 4 shapes; ``value``: the loss passed as
+  ``value=``."""
   params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
   tx = (optax.with_extra_args_support(optax.adam(1e-3)) if name is None
         else ALL[name].build(optax.adam(1e-3), config="bench"))
@@ -68,8 +77,7 @@ def _step_text(name: str | None, n: int, value: bool = True,
   def step(p, s, g):
     u, s = tx.update(g, s, p, **kw)
     return optax.apply_updates(p, u), s
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ()).lower(
-      params, tx.init(params), params).compile().as_text()
+  return step, params, tx.init(params)
 
 
 def _instructions(name: str | None, n: int) -> int:
@@ -324,14 +332,7 @@ def _trace_calls(name: str | None, n: int) -> int:
   trace time, which counts in the compile time a user waits for."""
   import cProfile
   import pstats
-  params = {f"l{i:02d}": jnp.zeros((4, 3 + i % 4)) for i in range(n)}
-  tx = (optax.with_extra_args_support(optax.adam(1e-3)) if name is None
-        else ALL[name].build(optax.adam(1e-3), config="bench"))
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p, value=jnp.float32(1.0))
-    return optax.apply_updates(p, u), s
-  state = tx.init(params)
+  step, params, state = _step_of(name, n)
   prof = cProfile.Profile()
   prof.enable()
   jax.jit(step).trace(params, state, params)
