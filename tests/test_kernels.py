@@ -98,12 +98,6 @@ _over(["clip_by_leaf_norm", "clip_by_block_rms", "adagc"], ["stacked"],
 # concatenation), the old scalars read once (H100) and the detector's
 # per-layer statistics.
 _over(["monitor"], ["stacked"], PLATFORMS, ["kernels"], _MINE)
-# bfloat16 on TPU: per_example_clip's sums of squares (float32 squares)
-# are a pass of their own, as monitor's and spam's figure were; those two
-# are recorded figures and are now taken in bfloat16 there, but this sum
-# sets the clip's scale (issue 21 open)
-_over(["per_example_clip"], ["bf16"], ["tpu-v5e"], ["bytes"],
-      "bfloat16 sums not fused into Adam's pass on TPU (issue 21 open)")
 
 
 def _cases():
