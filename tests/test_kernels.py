@@ -367,3 +367,22 @@ def test_spam_moment_dtype_adds_no_kernels_on_h100():
   bf16 = budgets.Workload(6, 6 * 24 * PER, layers=24, dtype="bfloat16")
   k32, k16 = (_measure("method", "spam", "h100", w)[0] for w in (f32, bf16))
   assert k16 <= k32, (k16, k32)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_agc_rank3_units_keep_their_shape(platform):
+  """adaptive_grad_clip on rank-3 leaves (its units: slices along axis 0,
+  as optax's) keeps each leaf's unit sums in their reduced shape: a TPU
+  v5e relaid and reshaped every flat unit vector where the leaf's scale
+  ops were traced apart (62 kernels at 6 leaves of 4 x 255 x 254, 2.0x
+  Adam's bytes, against optax's 30). Kernels at most optax's
+  ``adaptive_grad_clip`` + Adam's (+5%), and no relayout copy or reshape
+  kernel on either chip."""
+  reason = _available(platform)
+  if reason:
+    pytest.skip(reason)
+  k = _measure("method", "adaptive_grad_clip", platform, STACKED)[0]
+  ref = _measure("reference", "adaptive_grad_clip", platform, STACKED)[0]
+  s = budgets.method_step("adaptive_grad_clip", STACKED).compile(platform)
+  assert k <= KERNEL_MARGIN * ref, (k, ref)
+  assert not {"copy", "reshape"} & set(s.by_op), s.by_op
