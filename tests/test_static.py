@@ -148,6 +148,31 @@ def test_per_example_matches_optax(reduce):
   np.testing.assert_allclose(state.clip_fraction, num_clipped / 4)
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_per_example_bfloat16_is_the_float32_result_rounded_once(reduce):
+  """bfloat16 per-example gradients (3 examples: 1/3 is inexact): the norms,
+  weights and batch sum are float32, so the output is the exact result
+  (NumPy, float64) rounded once to bfloat16, within its half-ulp; figures
+  as the float64 ones."""
+  rng = np.random.default_rng(0)
+  g = {"a": rng.normal(size=(3, 5, 7)) * [[[1.0]], [[4.0]], [[0.1]]],
+       "b": rng.normal(size=(3, 9))}
+  g16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), g)
+  g64 = jax.tree.map(lambda x: np.asarray(x.astype(jnp.float32), np.float64),
+                     g16)
+  out, state = gt.per_example_clip(2.0, reduce=reduce).update(g16, None)
+  norms = np.sqrt(sum(np.sum(x.reshape(3, -1) ** 2, axis=1)
+                      for x in g64.values()))
+  s = np.minimum(1.0, 2.0 / norms)
+  for k, x in g64.items():
+    ref = np.tensordot(s, x, axes=1) / (3 if reduce == "mean" else 1)
+    assert out[k].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out[k], np.float64), ref,
+                               rtol=2.0 ** -8, atol=1e-30)
+  np.testing.assert_allclose(state.clip_fraction, np.mean(norms > 2.0))
+  np.testing.assert_allclose(state.max_norm, norms.max(), rtol=1e-6)
+
+
 def test_per_example_rejects_mismatched_batch():
   tx = gt.per_example_clip(1.0)
   bad = {"a": jnp.ones((4, 2)), "b": jnp.ones((3, 2))}
