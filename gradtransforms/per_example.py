@@ -23,18 +23,6 @@ class PerExampleClipState(NamedTuple):
   max_norm: jax.Array
 
 
-def _weights(norms: jax.Array, bound: float, inv: jax.Array
-             ) -> tuple[jax.Array, jax.Array]:
-  """Each example's weight ``s_b * inv`` (``inv``: the mean's ``1 / n``, or
-  1) and the count of clipped examples. The ``1 / n`` is in the weights:
-  scaling the sum afterwards put a float32 sum between it and the optimizer
-  (bfloat16 on a TPU v5e: 1.071x the bytes of optax's); a weight vector
-  apart from the scale, or a count from the mask, was a TPU kernel more."""
-  clip = jnp.isfinite(norms) & (norms > bound)
-  weights = jnp.where(clip, bound * inv, inv) / jnp.where(clip, norms, 1.0)
-  return weights, jnp.sum((weights < inv).astype(jnp.float32))
-
-
 def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
                      axis_name: str | None = None
                      ) -> optax.GradientTransformation:
@@ -114,7 +102,9 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
       norm_max = jax.lax.pmax(norm_max, axis_name)
     n = jnp.maximum(n, 1.0)  # an empty batch: zeros, not 0/0
     inv = 1.0 / n if reduce == "mean" else jnp.ones((), jnp.float32)
-    weights, clipped = _weights(norms, l2_norm_clip, inv)
+    # the mean's 1 / n in the weights, the count from them (_norms.clip_scale)
+    weights = _norms.clip_scale(norms, l2_norm_clip, times=inv)
+    clipped = jnp.sum((weights < inv).astype(jnp.float32))
     if axis_name is not None:
       clipped = jax.lax.psum(clipped, axis_name)
 
