@@ -147,6 +147,32 @@ def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(monkeypatch):
+  """``_xla.read_once``'s GPU form packs scalars of one width into one
+  unsigned vector (their bits): float32 NaN payloads, -0.0, Inf, int32
+  extremes, bools, float16/bfloat16 and int8 come back as they were, with
+  their dtypes; arrays and a lone scalar of its width pass as they are, and
+  ``restore`` gives back the original leaf where a scalar is passed on."""
+  _cuda_forms(monkeypatch)
+  nan = np.frombuffer(np.uint32(0x7FC00123).tobytes(), np.float32)[0]
+  state = {"f": jnp.float32(nan), "z": jnp.float32(-0.0),
+           "inf": jnp.float32(-jnp.inf), "i": jnp.int32(-2**31),
+           "u": jnp.int32(2**31 - 1), "b": jnp.bool_(True),
+           "c": jnp.bool_(False), "h": jnp.float16(-0.0),
+           "bf": jnp.asarray(3.5, jnp.bfloat16), "q": jnp.int8(-7),
+           "v": jnp.arange(3.0)}
+
+  def f(s):
+    read, restore = _xla.read_once(s)
+    return read, restore({**read, "u": read["u"]})
+  for out in jax.jit(f)(state):
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    for k, x in state.items():
+      y = out[k]
+      assert y.dtype == x.dtype and y.shape == x.shape, k
+      assert np.asarray(y).tobytes() == np.asarray(x).tobytes(), k
+
+
 @pytest.mark.parametrize("action", ["skip", "zero", "rescale"])
 @pytest.mark.parametrize("check", ["updates", "gradients"])
 def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, monkeypatch):

@@ -71,9 +71,10 @@ def _over(names, variants, platforms, metrics, reason):
 
 _over(["detect_spikes"], ["stacked"], PLATFORMS, ["kernels"], _OTHERS)
 # guard stacked: the detector's scalar bookkeeping (~13 kernels on H100
-# against apply_if_finite's 4) weighs more than over 6 leaves (H100 31
-# against 22; 44 before its per-layer finiteness rows were added up once
-# and its off rules' flags were computed, not copied)
+# against apply_if_finite's 4) weighs more than over 6 leaves (H100 30
+# against 22; 31 before its old scalars were read as one vector of their
+# bits, _xla.read_once; 44 before its per-layer finiteness rows were added
+# up once and its off rules' flags were computed, not copied)
 _over(["guard"], ["stacked"], ["h100"], ["kernels"],
       "guard's scalar bookkeeping over only 6 leaves (issue 21 open)")
 _over(["guard"], ["stacked"], ["tpu-v5e"], ["kernels"],
@@ -86,8 +87,10 @@ _over(["guard"], ["stacked"], ["tpu-v5e"], ["kernels"],
 _over(["clip_by_leaf_norm", "clip_by_block_rms", "adagc"], ["stacked"],
       ["tpu-v5e"], ["kernels"],
       "per-layer (L,) scales: fixed kernels the scalar reference has not")
-# monitor / detect_spikes stacked (6 leaves of 4 layers): H100 19 / 23
-# against 15 (25 / 29 before their per-layer totals were added elementwise,
+# monitor / detect_spikes stacked (6 leaves of 4 layers): H100 18 / 22
+# against 15 (19 / 23 with one stacked vector of old scalars per dtype, not
+# per width, _xla.read_once; 25 / 29 before their per-layer totals were
+# added elementwise,
 # _norms.total: a kernel a leaf less), TPU 9 / 11 against 6 (14 / 18
 # before the stacked sums went behind a barrier on TPU,
 # _norms.stacked_sums, and the detector's attribution became one
