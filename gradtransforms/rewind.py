@@ -9,8 +9,8 @@ snapshot's params (``where(r, s - p, u)``, fused into the caller's
 ``apply_updates``); the rare work is one ``while_loop`` of 0 or 1 trips,
 one kernel (on GPU a host sync) that copies nothing (how:
 ``_snapshot.py``). 100 leaves, ``rewind(guard(adam))`` against
-``guard(adam)``: H100 229 kernels (its scalars read once, ``_xla.read_once``;
-327 before) against 315 (``apply_if_finite`` 306), TPU v5e 210 against 206
+``guard(adam)``: H100 227 kernels (its scalars read once, ``_xla.read_once``;
+327 before) against 311 (``apply_if_finite`` 306), TPU v5e 208 against 204
 (201); DRAM bytes 1.57x Adam's against 1.43x (+0.14: the snapshot read). A
 loop trip moves 2.3x Adam's bytes more. XLA:CPU: as the guard, one leaf's
 ``isfinite`` mask in temporaries (3 loops before: 676 kernels on the H100).
