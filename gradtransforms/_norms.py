@@ -1,7 +1,8 @@
 """Norms and scales: the one place where their precision and non-finite
 handling are decided.
 
-Every transform computes its norms and clip scales through this module:
+Every transform computes its norms and clip scales through this module (the
+sums of squares under them: :mod:`gradtransforms._sums`, re-exported here):
 
 * Squared norms accumulate in float32 (float64 stays float64), whatever the
   leaf dtype, so float16/bfloat16 leaves never overflow while squaring.
@@ -18,8 +19,6 @@ Every transform computes its norms and clip scales through this module:
 
 from __future__ import annotations
 
-import math
-
 from typing import Any, Sequence
 
 import jax
@@ -27,112 +26,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradtransforms import _layout, _xla
+from gradtransforms._sums import (  # noqa: F401 (re-exported)
+    acc_dtype, leaf_sumsq, stacked_sums, sums, sumsq, total)
 
 F32 = jnp.float32
-
-
-def acc_dtype(x: Any) -> jnp.dtype:
-  """The dtype reductions over ``x`` accumulate in: float32 or wider."""
-  return jnp.promote_types(jnp.result_type(x), F32)
-
-
-def sumsq(x: jax.Array, axis: int | None = None, native: bool = False
-          ) -> jax.Array:
-  """Float32 sum of squares of ``x``: a scalar, or per slice along ``axis``
-  (a layer axis) as a ``(x.shape[axis],)`` vector. ``native``: a bfloat16
-  ``x`` is squared in bfloat16 and its sum rounded to bfloat16 (accumulated
-  in float32 all the same): see :func:`leaf_sumsq`."""
-  if not (native and x.dtype == jnp.bfloat16):
-    x = x.astype(acc_dtype(x))
-  if axis is None:
-    return jnp.sum(x * x).astype(F32)
-  # As (before, L, after): a reshape, no copy. Reducing the original shape
-  # over several axes made XLA:CPU write x * x to a parameter-sized buffer.
-  shape = x.shape
-  before, after = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
-  if before == 1:  # a leading layer axis: a plain row reduction
-    return jnp.sum(jnp.square(x.reshape(shape[axis], after)), axis=1).astype(F32)
-  x = x.reshape(before, shape[axis], after)
-  return jnp.sum(x * x, axis=(0, 2)).astype(F32)
-
-
-def _psum(x: Any, axis_name: str | None) -> Any:
-  return x if axis_name is None else lax.psum(x, axis_name)
-
-
-def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
-               axis_name: str | None = None, recorded: bool = False
-               ) -> list[jax.Array]:
-  """Each leaf's sum of squares (per layer slice where ``lay`` has a layer
-  axis), ``psum``-ed over ``axis_name`` in one collective. Each transform
-  uses leaf ``i``'s own figure for its scale, inline, and stacks them only
-  for its state (:func:`_layout.stack`): on GPU, slicing a stacked vector
-  back per leaf costs a kernel per leaf (a scalar; per layer slices see
-  :func:`segment_scales`).
-
-  ``recorded``: the sums are only recorded (a monitor's, a detector's), so
-  on TPU a bfloat16 leaf is squared in bfloat16 and its sum rounded to
-  bfloat16 (relative error about 2**-8; accumulated in float32): only then
-  does XLA:TPU fuse the sum into the optimizer's pass over the gradients
-  (measured: 1.000x Adam's bytes and 100 kernels at 100 leaves, against
-  1.143x and 202 with float32 squares). Elsewhere, and for float16 (whose
-  squares overflow beyond 256), the float32 form."""
-  one = _xla.per_leaf(sumsq, ("axis", "native"))
-
-  def sums(*xs, native=False):
-    return [one(x, axis=a, native=native) for x, a in zip(xs, lay.axes)]
-  if recorded and any(x.dtype == jnp.bfloat16 for x in leaves):
-    parts = lax.platform_dependent(
-        *leaves, tpu=lambda *xs: sums(*xs, native=True), default=sums)
-  else:
-    parts = sums(*leaves)
-  parts = _psum(parts, axis_name)
-  if any(a is not None for a in lay.axes):
-    # On every platform: XLA otherwise merges a sum over per-layer sums
-    # back into a reduction of the gradients themselves, a second read of
-    # them (CPU: it writes g*g to a parameter-sized temporary; H100/TPU:
-    # 1.143x Adam's bytes instead of 1.000 for a monitor).
-    parts = lax.optimization_barrier(parts)
-  return parts
-
-
-def stacked_sums(parts: Sequence[jax.Array], lay: _layout.Layout) -> jax.Array:
-  """``parts`` (as :func:`leaf_sumsq` gives them) as one stacked vector for
-  readers that total it (a global norm) and keep it (a state).
-
-  With a layer axis, on TPU behind a barrier: otherwise XLA:TPU splits
-  ``sum(concatenate(parts))`` back into a reduction of each leaf's ``(L,)``
-  vector, a kernel per leaf (monitor, 6 leaves of 24 layers: 14 -> 9
-  kernels; of 4 layers the same). XLA:GPU fuses those per-leaf totals into
-  the step's scalar bookkeeping at 24 layers, where the barrier costs two
-  kernels (the concatenation and its reduction: detect_spikes 24 -> 26),
-  and only at a few layers does it save (4 layers: 31 -> 26), so it is
-  left out there, as on CPU (:func:`_xla.kept`, the O(N^2) joins)."""
-  v = _layout.stack(parts)
-  if any(a is not None for a in lay.axes):
-    return lax.platform_dependent(v, tpu=lax.optimization_barrier,
-                                  default=_xla.kept)
-  return _xla.kept(v)
-
-
-def total(parts: Sequence[jax.Array], stacked: jax.Array | None) -> jax.Array:
-  """The sum of every segment's figure. Without a layer axis: ``sum(stacked)``
-  (``stacked``: :func:`stacked_sums` of ``parts``, the vector kept whole on
-  CPU). With per-layer ``(L,)`` parts (``stacked`` may then be None), those
-  of one length are first added elementwise, then reduced: XLA otherwise
-  splits ``sum(concatenate(parts))`` into a reduction of each leaf's vector,
-  a kernel per stacked leaf on GPU (a reduction's output cannot feed another
-  reduction in one kernel); added first, all of them are one kernel
-  (monitor, 6 leaves of 4 layers, H100: 25 -> 19 kernels)."""
-  if not any(jnp.ndim(p) for p in parts):
-    if stacked is None:
-      raise ValueError("total: scalar parts need their stacked vector")
-    return jnp.sum(stacked)
-  groups: dict[tuple, jax.Array] = {}
-  for p in parts:
-    key = jnp.shape(p)
-    groups[key] = groups[key] + p if key in groups else p
-  return sum((jnp.sum(v) for v in groups.values()), jnp.zeros((), F32))
 
 
 def global_norm(tree: Any, axis_name: str | None = None) -> jax.Array:
@@ -145,8 +42,8 @@ def global_norm(tree: Any, axis_name: str | None = None) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), F32)
-  sq = _psum(jnp.stack([sumsq(x) for x in leaves]), axis_name)
-  return jnp.sqrt(jnp.sum(_xla.kept(sq)))
+  lay = _layout.Layout((None,) * len(leaves), (1,) * len(leaves), ())
+  return jnp.sqrt(sums(leaves, lay, axis_name).total)
 
 
 def max_abs(tree: Any) -> jax.Array:
@@ -247,7 +144,6 @@ def scale_parts(leaves: Sequence[jax.Array], lay: _layout.Layout,
 
 def _scale_along(x: jax.Array, s: jax.Array, axis: int | None) -> jax.Array:
   return scale(x, _layout.broadcast(s, x, axis))
-
 
 
 def segment_scales(fn: Any, parts: Sequence[jax.Array], stacked: jax.Array,

@@ -11,60 +11,49 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradtransforms import _in_place, _norms, _xla
+from gradtransforms import _in_place, _layout, _norms, _sums, _xla
 
 
 def _sums_and_finite_rows(leaves, lay_axes, probe, axis_name):
-  """XLA:GPU form of :func:`sums_with_output_check`: each leaf's two
-  row-partial sums come out of one pass. Per leaf, they are stacked and
-  finished by one reduction (one kernel where two separate sums cost two).
-  Per layer, the finiteness rows of every leaf are added up first (those of
-  one shape elementwise, :func:`_norms.total`) and reduced once: finished
-  per leaf, its ``(2, L)`` sums cost a kernel for the finiteness total and
-  one for the slice of layer sums (H100, 6 leaves of 4 layers: 5 kernels a
-  leaf against ``apply_if_finite``'s 3)."""
-  out, fins, fin_rows = [], [], []
-  plain, rows = _xla.per_leaf(_plain_pair, ("a",)), _xla.per_leaf(_row_pair)
-  stacked = _xla.per_leaf(_layer_rows)
-  for x, a, u in zip(leaves, lay_axes, probe):
-    if a not in (None, 0) or x.ndim < 2 or x.size == 0:
+  """XLA:GPU form of :func:`sums_with_output_check`: each leaf's row
+  partials of its squares and of its output's finiteness come out of one
+  pass (the probe's), and every row of one shape is finished by one
+  reduction (:func:`_sums.finish`), where finished per leaf each cost a
+  kernel (H100, 6 leaves of 4 layers: 5 kernels a leaf against
+  ``apply_if_finite``'s 3 before its layers' rows were added up, then 3)."""
+  views = [_sums.row_view(x.shape, a) for x, a in zip(leaves, lay_axes)]
+  plain, pair = _xla.per_leaf(_plain_pair, ("a",)), _xla.per_leaf(
+      _row_pair, ("view",))
+  sq_rows, fin_rows, rest, rest_fin = [], [], [], []
+  for x, a, u, v in zip(leaves, lay_axes, probe, views):
+    if v is None:
       sq, fin = plain(x, u, a=a)
-      fins.append(fin)
-    elif a == 0:
-      sq, fin = stacked(x, u)
-      fin_rows.append(fin)
+      rest.append(sq)
+      rest_fin.append(fin)
     else:
-      sq, fin = rows(x, u)
-      fins.append(fin)
-    out.append(sq)
-  if fin_rows:
-    fins.append(_norms.total(fin_rows, None))
-  return _finish(out, fins, lay_axes, axis_name)
+      sq, fin = pair(x, u, view=v)
+      sq_rows.append(sq)
+      fin_rows.append(fin)
+  sums, total, fin = _sums.finish(sq_rows + fin_rows, axis_name,
+                                  first=len(sq_rows))
+  if axis_name is not None:
+    rest, rest_fin = lax.psum((rest, rest_fin), axis_name)
+  fin = sum(rest_fin, fin)
+  return (_sums.assemble(views, sums, rest, total,
+                         _sums.segment_shapes(leaves, lay_axes)),
+          jnp.isfinite(fin))
 
 
 def _plain_pair(x, u, a):
   return _norms.sumsq(x, a), _xla.zero_sum(u)
 
 
-def _rows_of(x, u):
-  x = x.astype(_norms.acc_dtype(x)).reshape(-1, x.shape[-1])
-  u = u.astype(jnp.promote_types(u.dtype, jnp.float32)).reshape(x.shape)
-  return jnp.sum(x * x, axis=1), jnp.sum(u - u, axis=1)
-
-
-def _layer_rows(x, u):
-  """A stacked leaf: its ``(L,)`` sums and its finiteness rows."""
-  sq_rows, fin = _rows_of(x, u)
-  return jnp.sum(sq_rows.reshape(x.shape[0], -1), axis=1), fin
-
-
-def _row_pair(x, u):
-  """A leaf's two sums, from its stacked row sums in one reduction ((2, 1)
-  as (2, layers) was: finished as (2,), rewind's H100 step had 2 kernels
-  more, 230 against 228 at 100 leaves)."""
-  sq_rows, fin = _rows_of(x, u)
-  both = jnp.sum(jnp.stack([sq_rows, fin]).reshape(2, 1, -1), axis=2)
-  return both[0, 0], jnp.sum(both[1])
+def _row_pair(x, u, view):
+  """A leaf's row partials of ``x**2`` and of ``u - u`` (0, or NaN where
+  ``u`` is not finite), in ``x``'s row view."""
+  x = x.astype(_norms.acc_dtype(x)).reshape(view)
+  u = u.astype(jnp.promote_types(u.dtype, jnp.float32)).reshape(view)
+  return jnp.sum(x * x, axis=-1), jnp.sum(u - u, axis=-1)
 
 
 def _sums_and_finite_plain(leaves, lay_axes, probe, axis_name):
@@ -73,23 +62,26 @@ def _sums_and_finite_plain(leaves, lay_axes, probe, axis_name):
   pair = _xla.per_leaf(_plain_pair, ("a",))
   out, fins = zip(*[pair(x, u, a=a) for x, a, u in zip(leaves, lay_axes, probe)]
                   ) if leaves else ((), ())
-  return _finish(list(out), list(fins), lay_axes, axis_name)
-
-
-def _finish(parts, fins, lay_axes, axis_name):
   fin = sum(fins, jnp.zeros((), jnp.float32))
+  parts = list(out)
   if axis_name is not None:
     parts, fin = lax.psum((parts, fin), axis_name)
   if any(a is not None for a in lay_axes):  # as _norms.leaf_sumsq
     parts = lax.optimization_barrier(parts)
-  return parts, jnp.isfinite(fin)
+  return _as_sums(parts, lay_axes), jnp.isfinite(fin)
+
+
+def _as_sums(parts: list, lay_axes: Any) -> _sums.Sums:
+  lay = _layout.Layout(tuple(lay_axes), (), ())
+  sq = _norms.stacked_sums(parts, lay)
+  return _sums.Sums(sq, _norms.total(parts, sq))
 
 
 def sums_with_output_check(leaves: list, lay: Any, probe: Any,
                            state: Any, axis_name: str | None = None
-                           ) -> tuple[list, jax.Array]:
-  """``(parts, out_ok)``: each leaf's sum of squares (per layer slice where
-  the layout ``lay`` has a layer axis), as ``_norms.leaf_sumsq``, and
+                           ) -> tuple[_sums.Sums, jax.Array]:
+  """``(sums, out_ok)``: the leaves' sums of squares (per layer slice where
+  the layout ``lay`` has a layer axis), as ``_norms.sums``, and
   whether ``probe(state)`` (an optimizer's output leaves, computed from
   ``state`` behind an ``optimization_barrier`` so that XLA computes it
   again rather than keeping the real step's update) is all finite: one pass
@@ -104,7 +96,7 @@ def sums_with_output_check(leaves: list, lay: Any, probe: Any,
 
   def cpu(state):
     del state
-    return (_norms.leaf_sumsq(leaves, lay, axis_name),
+    return (_as_sums(_norms.leaf_sumsq(leaves, lay, axis_name), lay.axes),
             jnp.ones((), jnp.bool_))
   rows = accel(_sums_and_finite_rows)  # one branch: traced once for both
   return lax.platform_dependent(state, cpu=cpu, cuda=rows, rocm=rows,

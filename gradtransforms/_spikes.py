@@ -132,18 +132,18 @@ def observe(state: DetectSpikesState, updates: Any, loss: Any, *, z_thresh: Any,
             loss_z_thresh: Any, warmup_steps: int, decay: Any,
             axis_name: str | None, layer_axes: LayerAxes,
             layer_z_thresh: Any = None, norm_sigma: Any = None,
-            what: str = "detect_spikes", parts: Any = None
+            what: str = "detect_spikes", sums: Any = None
             ) -> DetectSpikesState:
   """One detection step (pure): one read of the gradients, then scalar and
-  per-segment vector arithmetic on their sums of squares (``parts``, as
-  ``_norms.leaf_sumsq`` gives them, when the caller computed them)."""
+  per-segment vector arithmetic on their sums of squares (``sums``, as
+  ``_norms.sums`` gives them, when the caller computed them)."""
   leaves = jax.tree.leaves(updates)
   lay = _layout.layout(updates, layer_axes)
   _layout.check_names(lay, state.leaf_log_mean, what)
-  if parts is None:
-    parts = _norms.leaf_sumsq(leaves, lay, axis_name, recorded=True)
-  sq = _norms.stacked_sums(parts, lay)
-  n = jnp.sqrt(_norms.total(parts, sq))
+  if sums is None:
+    sums = _norms.sums(leaves, lay, axis_name, recorded=True)
+  sq = sums.stacked
+  n = jnp.sqrt(sums.total)
   finite = jnp.isfinite(n)
   norm_stats, norm_z, norm_spike = _stats.series_observe(
       state.norm_stats, jnp.log(n), decay, z_thresh, warmup_steps)

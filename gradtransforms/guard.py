@@ -146,14 +146,14 @@ def _observe(inner, updates, state, params, extra, loss, kw, *, fused):
   (``check="updates"``, ``action="skip"``), on GPU/TPU whether ``inner``'s
   output is finite, reduced in the same pass as the gradients' norms
   (``_output_check.sums_with_output_check``); else ``out_ok`` is None."""
-  parts = out_ok = None
+  sums = out_ok = None
   if fused:
-    parts, out_ok = _output_check.sums_with_output_check(
+    sums, out_ok = _output_check.sums_with_output_check(
         jax.tree.leaves(updates), _layout.layout(updates, kw["layer_axes"]),
         lambda s: inner.update(updates, s, params, **extra)[0],
         state.inner_state, kw["axis_name"])
   return _spikes.observe(state.detector, updates, loss, what="guard",
-                         parts=parts, **kw), out_ok
+                         sums=sums, **kw), out_ok
 
 
 def _run(inner, det, state, updates, params, extra, *, triggers, action,

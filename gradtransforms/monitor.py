@@ -116,9 +116,8 @@ def monitor(per_leaf: bool = False, decay: float = 0.98, *,
     lay = _layout.layout(updates, layer_axes)
     if keep:
       _layout.check_names(lay, state.leaf_sumsq, "monitor")
-    parts = _norms.leaf_sumsq(leaves, lay, axis_name, recorded=True)
-    sq = _norms.stacked_sums(parts, lay)
-    n = jnp.sqrt(_norms.total(parts, sq))
+    sq, sq_total = _norms.sums(leaves, lay, axis_name, recorded=True)
+    n = jnp.sqrt(sq_total)
     bad = jnp.sum(~jnp.isfinite(sq), dtype=jnp.int32)
     stats, z, _ = _stats.series_observe(state.log_norm, jnp.log(n), decay,
                                         jnp.inf, warmup_steps)

@@ -12,7 +12,7 @@ import pytest
 from jax import lax
 
 import gradtransforms as gt
-from gradtransforms import _layout, _norms, _output_check, _xla
+from gradtransforms import _layout, _norms, _output_check, _sums, _xla
 
 FORMS = {"rows": _output_check._sums_and_finite_rows,
          "plain": _output_check._sums_and_finite_plain}
@@ -42,20 +42,26 @@ def test_fused_sums_and_output_check_match_numpy(form, dtype, bad, where):
   lay = _layout.layout(g, lambda name, x: 0 if name in ("['s']", "['t']", "['u']")
                        else None)
   leaves = jax.tree.leaves(g)
-  parts, ok = jax.jit(lambda l, p: FORMS[form](l, lay.axes, p, None))(
+  sums, ok = jax.jit(lambda l, p: FORMS[form](l, lay.axes, p, None))(
       leaves, jax.tree.leaves(probe))
-  for x, a, part in zip(leaves, lay.axes, parts):
+  wants = []
+  for x, a in zip(leaves, lay.axes):
     x64 = np.asarray(x, np.float64)
-    want = ((x64 ** 2).reshape(x.shape[0], -1).sum(1) if a == 0
-            else (x64 ** 2).sum())
-    np.testing.assert_allclose(np.asarray(part), want, rtol=2e-6)
-    assert part.dtype == jnp.float32
+    wants.append(np.reshape((x64 ** 2).reshape(x.shape[0], -1).sum(1) if a == 0
+                            else (x64 ** 2).sum(), -1))
+  assert sums.stacked.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(sums.stacked), np.concatenate(wants),
+                             rtol=2e-6)
+  np.testing.assert_allclose(float(sums.total), np.concatenate(wants).sum(),
+                             rtol=2e-6)
   assert bool(ok) == (bad is None)
 
 
-def test_fused_output_check_on_an_empty_tree():
-  parts, ok = _output_check._sums_and_finite_rows([], (), [], None)
-  assert parts == [] and bool(ok)
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fused_output_check_on_an_empty_tree(form):
+  sums, ok = FORMS[form]([], (), [], None)
+  assert sums.stacked.shape == (0,)
+  assert float(sums.total) == 0 and bool(ok)
 
 
 def _cuda_forms(monkeypatch):
@@ -67,7 +73,7 @@ def _cuda_forms(monkeypatch):
   fake = type("L", (), {
       **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("_")},
       "platform_dependent": staticmethod(pick)})
-  for module in (_xla, _output_check):
+  for module in (_xla, _output_check, _norms, _sums):
     monkeypatch.setattr(module, "lax", fake)
 
 
@@ -216,13 +222,15 @@ def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, monkeypatch
 
 
 def _tpu_norms(monkeypatch):
-  """``_norms`` ' ``platform_dependent`` takes its TPU branch."""
+  """The sums' ``platform_dependent`` (``_sums``, ``_norms``) take their
+  TPU branch."""
   def pick(*args, default=None, **platforms):
     return platforms.get("tpu", default)(*args)
   fake = type("L", (), {
       **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("_")},
       "platform_dependent": staticmethod(pick)})
-  monkeypatch.setattr(_norms, "lax", fake)
+  for module in (_norms, _sums):
+    monkeypatch.setattr(module, "lax", fake)
 
 
 def _norm_grads(dtype, bad):

@@ -1,0 +1,99 @@
+"""The GPU form of the per-leaf sums of squares (``gradtransforms._sums``),
+run here on the CPU: row partials finished by shape group give each leaf's
+sum (per layer slice), in leaf order, and their total, as NumPy does in
+float64; a non-finite entry makes its leaf's sum and the total non-finite."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradtransforms import _norms, _sums
+
+
+@pytest.mark.parametrize("shape, axis, view", [
+    ((255, 254), None, (255, 254)),
+    ((6,), None, (1, 6)),
+    ((), None, (1, 1)),
+    ((3, 4, 2), None, (1, 24)),
+    ((50, 1), None, (1, 50)),
+    ((2, 3, 128), None, (6, 128)),
+    ((4, 255, 254), 0, (4, 255, 254)),
+    ((4, 3, 5), 0, (4, 1, 15)),
+    ((4, 300), 0, (4, 1, 300)),
+    ((3, 4, 254), 1, None),
+    ((0, 3), None, None),
+])
+def test_row_view(shape, axis, view):
+  """The fewest trailing dimensions reaching ROW_MIN (128) elements make a
+  row; a non-leading layer axis or an empty leaf has no view."""
+  assert _sums.row_view(shape, axis) == view
+
+
+def _tree(dtype, bad=None):
+  rng = np.random.default_rng(1)
+  shapes = [((5, 130), None), ((3, 4, 2), 0), ((7,), None), ((5, 130), None),
+            ((2, 3, 4), 1), ((0, 4), None), ((3, 4, 2), 0), ((), None),
+            ((6, 2), None), ((7,), None)]
+  leaves = [jnp.asarray(rng.normal(size=s) * 3, dtype) for s, _ in shapes]
+  if bad is not None:
+    leaves[3] = leaves[3].at[2, 7].set(bad)
+  return leaves, [a for _, a in shapes]
+
+
+def _want(leaves, axes):
+  out = []
+  for x, a in zip(leaves, axes):
+    x64 = np.asarray(x, np.float64) ** 2
+    out.append(np.reshape(x64.sum() if a is None else
+                          np.moveaxis(x64, a, 0).reshape(x.shape[a], -1).sum(1),
+                          -1))
+  return np.concatenate(out)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_grouped_sums_match_numpy(dtype):
+  """Leaves of one shape interleaved with others (their sums come back in
+  leaf order), per-layer leaves, a non-leading layer axis and an empty
+  leaf (summed apart), a scalar, 16-bit leaves (squares in float32)."""
+  leaves, axes = _tree(dtype)
+  got = jax.jit(lambda xs: _sums.grouped(xs, axes, _norms.sumsq))(leaves)
+  want = _want(leaves, axes)
+  assert got.stacked.dtype == jnp.float32 and got.stacked.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got.stacked), want, rtol=2e-6)
+  np.testing.assert_allclose(float(got.total), want.sum(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_grouped_sums_keep_a_nonfinite_leaf_apart(bad):
+  leaves, axes = _tree(jnp.float32, bad)
+  got = jax.jit(lambda xs: _sums.grouped(xs, axes, _norms.sumsq))(leaves)
+  want = _want(leaves, axes)
+  finite = np.isfinite(np.asarray(got.stacked))
+  assert finite.tolist() == np.isfinite(want).tolist()
+  assert finite.sum() == want.size - 1 and not np.isfinite(float(got.total))
+  np.testing.assert_allclose(np.asarray(got.stacked)[finite], want[finite],
+                             rtol=2e-6)
+  if bad != bad:
+    assert np.isnan(float(got.total))
+
+
+def test_finish_splits_its_total_at_first():
+  """``first``: the sums and total of the first rows; the others (of the
+  same shapes, finished in the same reductions) only in ``rest_total``."""
+  rng = np.random.default_rng(2)
+  rows = [jnp.asarray(rng.normal(size=s), jnp.float32)
+          for s in [(4,), (3, 5), (4,), (4,), (3, 5)]]
+  sums, total, rest = jax.jit(lambda r: _sums.finish(r, first=3))(rows)
+  per = [np.asarray(r, np.float64).sum(-1).reshape(-1) for r in rows]
+  np.testing.assert_allclose(np.asarray(sums), np.concatenate(per[:3]),
+                             rtol=2e-6)
+  np.testing.assert_allclose(float(total), np.concatenate(per[:3]).sum(),
+                             rtol=2e-6)
+  np.testing.assert_allclose(float(rest), np.concatenate(per[3:]).sum(),
+                             rtol=2e-6)
+
+
+def test_grouped_sums_of_an_empty_tree():
+  got = _sums.grouped([], [], _norms.sumsq)
+  assert got.stacked.shape == (0,) and float(got.total) == 0
