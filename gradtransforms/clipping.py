@@ -111,17 +111,14 @@ def _clip_per_leaf(updates, stored: PerLeaf, bound, layer_axes, axis_name,
   leaves, treedef = jax.tree.flatten(updates)
   lay = _layout.layout(updates, layer_axes)
   _layout.check_names(lay, stored, what)
-  parts = _norms.leaf_sumsq(leaves, lay, axis_name)
-  stacked = _layout.stack(parts)
+  sizes = None
   if rms:  # mean squares: each scale divides inline, the state as one vector
     sizes = [max(x.size // n, 1) for x, n in zip(leaves, lay.counts)]
     if axis_name is not None:
       sizes = jax.lax.psum(jnp.asarray(sizes, jnp.float32), axis_name)
-    stacked = stacked / _layout.stack([jnp.full((n,), sizes[i], jnp.float32)
-                                       for i, n in enumerate(lay.counts)])
-    parts = [p / sizes[i] for i, p in enumerate(parts)]
-  scales = _norms.segment_scales(
-      lambda m: _norms.clip_scale(jnp.sqrt(m), bound), parts, stacked, lay)
+  scales, stacked = _norms.leaf_scales(
+      lambda m: _norms.clip_scale(jnp.sqrt(m), bound), leaves, lay, axis_name,
+      sizes)
   out = _norms.scale_parts(leaves, lay, scales)
   return jax.tree.unflatten(treedef, out), stored.replace(stacked)
 

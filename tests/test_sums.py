@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gradtransforms as gt
 from gradtransforms import _norms, _sums
 
 
@@ -97,3 +98,58 @@ def test_finish_splits_its_total_at_first():
 def test_grouped_sums_of_an_empty_tree():
   got = _sums.grouped([], [], _norms.sumsq)
   assert got.stacked.shape == (0,) and float(got.total) == 0
+
+
+def _gpu_forms(monkeypatch):
+  """Every ``platform_dependent`` takes its CUDA branch (else its default),
+  as when lowered for a GPU."""
+  real = jax.lax.platform_dependent
+
+  def pick(*args, cpu=None, default=None, **platforms):
+    del cpu
+    return platforms.get("cuda", default)(*args)
+  monkeypatch.setattr(jax.lax, "platform_dependent", pick)
+  return real
+
+
+TRANSFORMS = {
+    "monitor": lambda ax: gt.monitor(per_leaf=True, layer_axes=ax),
+    "detect_spikes": lambda ax: gt.detect_spikes(warmup_steps=1, layer_axes=ax),
+    "clip_by_global_norm": lambda ax: gt.clip_by_global_norm(4.0),
+    "clip_by_leaf_norm": lambda ax: gt.clip_by_leaf_norm(2.0, layer_axes=ax),
+    "clip_by_block_rms": lambda ax: gt.clip_by_block_rms(0.5, layer_axes=ax),
+    "adagc": lambda ax: gt.adagc(warmup_steps=1, layer_axes=ax),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("stacked", [False, True])
+def test_gpu_form_of_each_sum_reader_matches_the_default(name, stacked,
+                                                         monkeypatch):
+  """Updates and every state leaf of the GPU form (sums finished by shape
+  group) equal the default form's to float32 rounding, over three steps
+  (the second with a NaN entry in one leaf, the third a spike), on leaves
+  of interleaved shapes, per layer where the transform takes layer axes."""
+  rng = np.random.default_rng(3)
+  shapes = {"a": (5, 130), "b": (3, 4, 2), "c": (7,), "d": (5, 130),
+            "e": (3, 6, 40), "f": ()}
+  p = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  ax = {"b": 0, "e": 0} if stacked else None
+  seq = [jax.tree.map(lambda x: x * 0.1, p),
+         {**p, "d": p["d"].at[1, 2].set(jnp.nan)},
+         jax.tree.map(lambda x: x * 30.0, p)]
+
+  def run():
+    tx = TRANSFORMS[name](ax)
+    s, outs = tx.init(p), []
+    step = jax.jit(tx.update)
+    for g in seq:
+      u, s = step(g, s, p)
+      outs.append((u, s))
+    return outs
+  ref = run()
+  _gpu_forms(monkeypatch)
+  for a, b in zip(ref, run(), strict=True):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-6,
+                                 atol=0)
