@@ -64,11 +64,13 @@ def _rows(x: jax.Array, view: tuple[int, ...]) -> jax.Array:
 
 
 def finish(rows: Sequence[jax.Array], axis_name: str | None = None,
-           first: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+           first: int | None = None, peak: bool = False
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(sums, total, rest_total)``: each of ``rows`` summed over its last
-  axis (float32), all of one shape and dtype stacked and reduced by one
-  reduction, ``psum``-ed over ``axis_name`` in one collective, barriers on
-  both sides. ``sums``: those of the first ``first`` rows (default: all)
+  axis (float32; ``peak``: its maximum, from 0), all of one shape and dtype
+  stacked and reduced by one reduction, ``psum``-ed (``pmax``-ed) over
+  ``axis_name`` in one collective, barriers on both sides. ``sums``: those
+  of the first ``first`` rows (default: all)
   as one vector in row order (a row of ``(L, r)`` partials gives ``L``);
   ``total`` their sum; ``rest_total`` that of the other rows. Read from
   the stacked results as a whole, never a slice per row (on GPU a sum of
@@ -79,10 +81,10 @@ def finish(rows: Sequence[jax.Array], axis_name: str | None = None,
   groups: dict[tuple, list[int]] = {}
   for k, r in enumerate(rows):
     groups.setdefault((r.shape, r.dtype), []).append(k)
-  done = [jnp.sum(jnp.stack([rows[k] for k in g]), axis=-1).astype(F32)
+  done = [_reduce_last(jnp.stack([rows[k] for k in g]), peak)
           for g in groups.values()]
   if axis_name is not None:
-    done = lax.psum(done, axis_name)
+    done = (lax.pmax if peak else lax.psum)(done, axis_name)
   done = lax.optimization_barrier(done)
   pieces, order = [], []
   total = rest_total = jnp.zeros((), F32)
@@ -99,6 +101,12 @@ def finish(rows: Sequence[jax.Array], axis_name: str | None = None,
   return _in_row_order(sums, [rows[k].shape[:-1] for k in range(first)],
                        order), total, rest_total
 
+
+
+def _reduce_last(x: jax.Array, peak: bool) -> jax.Array:
+  if peak:  # a plain max reduction from 0 (as clippy's per leaf)
+    return lax.reduce(x, jnp.zeros((), x.dtype), lax.max, (x.ndim - 1,))
+  return jnp.sum(x, axis=-1).astype(F32)
 
 def _in_row_order(values: jax.Array, shapes: Sequence[tuple], order: list[int]
                   ) -> jax.Array:

@@ -1,7 +1,9 @@
 """The GPU form of the per-leaf sums of squares (``gradtransforms._sums``),
 run here on the CPU: row partials finished by shape group give each leaf's
 sum (per layer slice), in leaf order, and their total, as NumPy does in
-float64; a non-finite entry makes its leaf's sum and the total non-finite."""
+float64; a non-finite entry makes its leaf's sum and the total non-finite.
+Every transform that reads them (and clippy, whose per-leaf peaks are
+finished the same way) gives the default form's numbers."""
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,7 @@ TRANSFORMS = {
     "clip_by_leaf_norm": lambda ax: gt.clip_by_leaf_norm(2.0, layer_axes=ax),
     "clip_by_block_rms": lambda ax: gt.clip_by_block_rms(0.5, layer_axes=ax),
     "adagc": lambda ax: gt.adagc(warmup_steps=1, layer_axes=ax),
+    "clippy": lambda ax: gt.clippy(0.5, layer_axes=ax),  # peaks, not sums
 }
 
 
