@@ -154,3 +154,26 @@ def test_per_example_clip_with_batch_split_over_devices(mesh):
   out, state = update(batch, tx.init(PARAMS))
   chex.assert_trees_all_close(out, ref, rtol=1e-5)
   chex.assert_trees_all_close(state, ref_state, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clip_by_global_norm", "clip_by_leaf_norm",
+                                  "clip_by_block_rms", "adagc", "clippy",
+                                  "monitor", "detect_spikes"])
+def test_gpu_form_with_axis_name_matches_single_device(mesh, name, monkeypatch):
+  """The GPU form (sums and peaks finished by shape group, the collective
+  on the finished vectors: ``_sums.finish``), taken on every
+  ``platform_dependent`` here, inside ``shard_map`` on FSDP shards: the
+  single-device numbers."""
+  ref_outs, ref_state = run_steps(TRANSFORMS[name](), PARAMS, SEQ,
+                                  jax.jit(TRANSFORMS[name]().update))
+
+  def pick(*args, cpu=None, default=None, **platforms):
+    del cpu
+    return platforms.get("cuda", default)(*args)
+  monkeypatch.setattr(jax.lax, "platform_dependent", pick)
+  tx = TRANSFORMS[name](axis_name="d")
+  outs, state = run_steps(tx, PARAMS, SEQ, _shard_map_update(mesh, tx))
+  for a, b in zip(outs, ref_outs):
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-6)
+  chex.assert_trees_all_close(gt.metrics(state), gt.metrics(ref_state),
+                              rtol=2e-5, atol=1e-6)
