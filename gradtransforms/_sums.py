@@ -70,9 +70,9 @@ def finish(rows: Sequence[jax.Array], axis_name: str | None = None,
   axis (float32; ``peak``: its maximum, from 0), all of one shape and dtype
   stacked and reduced by one reduction, ``psum``-ed (``pmax``-ed) over
   ``axis_name`` in one collective, barriers on both sides. ``sums``: those
-  of the first ``first`` rows (default: all)
-  as one vector in row order (a row of ``(L, r)`` partials gives ``L``);
-  ``total`` their sum; ``rest_total`` that of the other rows. Read from
+  of the first ``first`` rows (default: all) as one vector in row order (a
+  row of ``(L, r)`` partials gives ``L``); ``total`` their sum;
+  ``rest_total`` that of the other rows. Read from
   the stacked results as a whole, never a slice per row (on GPU a sum of
   many slices is a chain of scalar ops; each slice traced apart, trace
   time grows with the leaves)."""
@@ -102,11 +102,11 @@ def finish(rows: Sequence[jax.Array], axis_name: str | None = None,
                        order), total, rest_total
 
 
-
 def _reduce_last(x: jax.Array, peak: bool) -> jax.Array:
   if peak:  # a plain max reduction from 0 (as clippy's per leaf)
     return lax.reduce(x, jnp.zeros((), x.dtype), lax.max, (x.ndim - 1,))
   return jnp.sum(x, axis=-1).astype(F32)
+
 
 def _in_row_order(values: jax.Array, shapes: Sequence[tuple], order: list[int]
                   ) -> jax.Array:
@@ -197,11 +197,10 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
                axis_name: str | None = None, recorded: bool = False
                ) -> list[jax.Array]:
   """Each leaf's sum of squares (per layer slice where ``lay`` has a layer
-  axis), ``psum``-ed over ``axis_name`` in one collective. Each transform
-  uses leaf ``i``'s own figure for its scale, inline, and stacks them only
-  for its state (:func:`_layout.stack`): on GPU, slicing a stacked vector
-  back per leaf costs a kernel per leaf (a scalar; per layer slices see
-  :func:`segment_scales`).
+  axis), ``psum``-ed over ``axis_name`` in one collective: the form on CPU
+  and TPU. Readers of the stacked vector or the total take :func:`sums`,
+  per-leaf scales ``_norms.leaf_scales``: on GPU both are finished by shape
+  group (:func:`grouped`).
 
   ``recorded``: the sums are only recorded (a monitor's, a detector's), so
   on TPU a bfloat16 leaf is squared in bfloat16 and its sum rounded to
@@ -212,13 +211,13 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
   squares overflow beyond 256), the float32 form."""
   one = _xla.per_leaf(sumsq, ("axis", "native"))
 
-  def sums(*xs, native=False):
+  def each(*xs, native=False):
     return [one(x, axis=a, native=native) for x, a in zip(xs, lay.axes)]
   if recorded and any(x.dtype == jnp.bfloat16 for x in leaves):
     parts = lax.platform_dependent(
-        *leaves, tpu=lambda *xs: sums(*xs, native=True), default=sums)
+        *leaves, tpu=lambda *xs: each(*xs, native=True), default=each)
   else:
-    parts = sums(*leaves)
+    parts = each(*leaves)
   parts = _psum(parts, axis_name)
   if any(a is not None for a in lay.axes):
     # On every platform: XLA otherwise merges a sum over per-layer sums
@@ -262,6 +261,7 @@ def sums(leaves: Sequence[jax.Array], lay: _layout.Layout,
     sq = stacked_sums(parts, lay)
     return Sums(sq, total(parts, sq))
   return lax.platform_dependent(*leaves, cuda=gpu, rocm=gpu, default=other)
+
 
 def total(parts: Sequence[jax.Array], stacked: jax.Array | None) -> jax.Array:
   """The sum of every segment's figure. Without a layer axis: ``sum(stacked)``
