@@ -115,13 +115,28 @@ def after(x: jax.Array, *deps: jax.Array, cpu: jax.Array | None = None
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
-def _width(x: Any) -> int:
-  """A scalar's bytes (a bool's: one), its stacking key in :func:`read_once`;
-  its bits travel as the unsigned integer of that width (``_to_bits``)."""
-  return jnp.dtype(jnp.result_type(x)).itemsize
+def _packable(x: Any) -> bool:
+  """A bool, integer or real float scalar: its bits travel as an unsigned
+  integer (not a PRNG key, whose dtype is extended, nor a complex one)."""
+  dt = jnp.result_type(x)
+  if jax.dtypes.issubdtype(dt, jax.dtypes.extended):
+    return False
+  return dt == jnp.bool_ or jnp.issubdtype(dt, jnp.integer) or jnp.issubdtype(
+      dt, jnp.floating)
+
+
+def _width(x: Any) -> Any:
+  """A scalar's stacking key in :func:`read_once`: ``("bits", bytes)`` (a
+  bool's: one) where its bits travel as the unsigned integer of that width
+  (``_to_bits``); else ``("dtype", dtype)``, stacked as it is."""
+  if _packable(x):
+    return ("bits", jnp.dtype(jnp.result_type(x)).itemsize)
+  return ("dtype", jnp.result_type(x))
 
 
 def _to_bits(x: jax.Array) -> jax.Array:
+  if not _packable(x):
+    return x
   dt = jnp.result_type(x)
   if dt == jnp.bool_:
     return x.astype(jnp.uint8)
@@ -129,6 +144,8 @@ def _to_bits(x: jax.Array) -> jax.Array:
 
 
 def _from_bits(b: jax.Array, like: jax.Array) -> jax.Array:
+  if not _packable(like):
+    return b
   dt = jnp.result_type(like)
   if dt == jnp.bool_:
     return b.astype(jnp.bool_)

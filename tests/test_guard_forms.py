@@ -179,6 +179,26 @@ def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(monkeypatch):
       assert np.asarray(y).tobytes() == np.asarray(x).tobytes(), k
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_scalar_read_keeps_keys_and_complex_scalars(gpu, monkeypatch):
+  """PRNG keys (an extended dtype) and complex scalars have no unsigned
+  word: two or more of each are stacked as they are (an inner optimizer
+  may keep a key in its state: ``guard`` reads it once)."""
+  if gpu:
+    _cuda_forms(monkeypatch)
+  state = {"k1": jax.random.key(0), "k2": jax.random.key(1),
+           "c1": jnp.complex64(1 + 2j), "c2": jnp.complex64(-3j),
+           "f": jnp.float32(1.5), "g": jnp.float32(2.5)}
+  read = jax.jit(lambda s: _xla.read_once(s)[0])(state)
+  for k in ("k1", "k2"):
+    assert jax.dtypes.issubdtype(read[k].dtype, jax.dtypes.prng_key), k
+    np.testing.assert_array_equal(jax.random.key_data(read[k]),
+                                  jax.random.key_data(state[k]))
+  for k in ("c1", "c2", "f", "g"):
+    assert read[k].dtype == state[k].dtype, k
+    np.testing.assert_array_equal(np.asarray(read[k]), np.asarray(state[k]))
+
+
 @pytest.mark.parametrize("action", ["skip", "zero", "rescale"])
 @pytest.mark.parametrize("check", ["updates", "gradients"])
 def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, monkeypatch):
