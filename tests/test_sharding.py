@@ -109,8 +109,16 @@ def _shard_map_update(mesh, tx):
 @pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - {"spike_clip", "guard",
                                                             "rewind"}))
 def test_shard_map_with_axis_name_matches_single_device(mesh, name):
+  _check_shard_map(mesh, name)
+
+
+def _check_shard_map(mesh, name, before_sharded=None):
+  """``name`` with ``axis_name`` inside ``shard_map`` against its
+  single-device run; ``before_sharded()`` runs between the two."""
   ref_outs, ref_state = run_steps(TRANSFORMS[name](), PARAMS, SEQ,
                                   jax.jit(TRANSFORMS[name]().update))
+  if before_sharded is not None:
+    before_sharded()
   tx = TRANSFORMS[name](axis_name="d")
   outs, state = run_steps(tx, PARAMS, SEQ, _shard_map_update(mesh, tx))
   for a, b in zip(outs, ref_outs):
@@ -164,16 +172,8 @@ def test_gpu_form_with_axis_name_matches_single_device(mesh, name, monkeypatch):
   on the finished vectors: ``_sums.finish``), taken on every
   ``platform_dependent`` here, inside ``shard_map`` on FSDP shards: the
   single-device numbers."""
-  ref_outs, ref_state = run_steps(TRANSFORMS[name](), PARAMS, SEQ,
-                                  jax.jit(TRANSFORMS[name]().update))
-
   def pick(*args, cpu=None, default=None, **platforms):
     del cpu
     return platforms.get("cuda", default)(*args)
-  monkeypatch.setattr(jax.lax, "platform_dependent", pick)
-  tx = TRANSFORMS[name](axis_name="d")
-  outs, state = run_steps(tx, PARAMS, SEQ, _shard_map_update(mesh, tx))
-  for a, b in zip(outs, ref_outs):
-    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-6)
-  chex.assert_trees_all_close(gt.metrics(state), gt.metrics(ref_state),
-                              rtol=2e-5, atol=1e-6)
+  _check_shard_map(mesh, name, lambda: monkeypatch.setattr(
+      jax.lax, "platform_dependent", pick))
