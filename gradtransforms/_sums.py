@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gradtransforms import _layout, _xla
+from gradtransforms import _collectives, _layout, _xla
 
 F32 = jnp.float32
 ROW_MIN = 128  # the fewest elements a row partial sums
@@ -83,8 +83,7 @@ def finish(rows: Sequence[jax.Array], axis_name: str | None = None,
     groups.setdefault((r.shape, r.dtype), []).append(k)
   done = [_reduce_last(jnp.stack([rows[k] for k in g]), peak)
           for g in groups.values()]
-  if axis_name is not None:
-    done = (lax.pmax if peak else lax.psum)(done, axis_name)
+  done = (_collectives.pmax if peak else _collectives.psum)(done, axis_name)
   done = lax.optimization_barrier(done)
   pieces, order = [], []
   total = rest_total = jnp.zeros((), F32)
@@ -189,10 +188,6 @@ def sumsq(x: jax.Array, axis: int | None = None, native: bool = False
   return jnp.sum(x * x, axis=(0, 2)).astype(F32)
 
 
-def _psum(x: Any, axis_name: str | None) -> Any:
-  return x if axis_name is None else lax.psum(x, axis_name)
-
-
 def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
                axis_name: str | None = None, recorded: bool = False
                ) -> list[jax.Array]:
@@ -218,7 +213,7 @@ def leaf_sumsq(leaves: Sequence[jax.Array], lay: _layout.Layout,
         *leaves, tpu=lambda *xs: each(*xs, native=True), default=each)
   else:
     parts = each(*leaves)
-  parts = _psum(parts, axis_name)
+  parts = _collectives.psum(parts, axis_name)
   if any(a is not None for a in lay.axes):
     # On every platform: XLA otherwise merges a sum over per-layer sums
     # back into a reduction of the gradients themselves, a second read of

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
+from gradtransforms import _collectives
 from gradtransforms import _layout
 from gradtransforms import _norms
 from gradtransforms import _xla
@@ -99,7 +100,7 @@ def per_example_clip(l2_norm_clip: float, *, reduce: str = "mean",
     if axis_name is not None:
       n = jax.lax.psum(n, axis_name)
       norm_sum = jax.lax.psum(norm_sum, axis_name)
-      norm_max = jax.lax.pmax(norm_max, axis_name)
+      norm_max = _collectives.pmax(norm_max, axis_name)
     n = jnp.maximum(n, 1.0)  # an empty batch: zeros, not 0/0
     inv = 1.0 / n if reduce == "mean" else jnp.ones((), jnp.float32)
     # the mean's 1 / n in the weights, the count from them (_norms.clip_scale)

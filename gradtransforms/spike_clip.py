@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
+from gradtransforms import _collectives
 from gradtransforms import _norms
 from gradtransforms import _stats
 from gradtransforms import _xla
@@ -197,8 +198,7 @@ def spike_clip(threshold: float = 5000.0, decay: float = 0.999, *,
     excess = jnp.max(_xla.kept(jnp.stack(
         [leaf_excess(g, b) for g, b in zip(leaves, b_leaves) if g.size]
         or [jnp.full((), -jnp.inf)])))
-    if axis_name is not None:
-      excess = jax.lax.pmax(excess, axis_name)
+    excess = _collectives.pmax(excess, axis_name)
     excess = jnp.where(active, excess, -jnp.inf)
     return (jax.tree.map(lambda g, b: clip(active, g, b), updates, bound),
             SpikeClipState(step=_stats.inc(t), bound=_state_copy(bound),
