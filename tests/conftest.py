@@ -45,3 +45,15 @@ def np_leaves(t):
 
 def np_global_norm(t):
   return float(np.sqrt(sum(np.sum(x * x) for x in np_leaves(t))))
+
+
+@pytest.fixture
+def force_platform(monkeypatch):
+  """``force_platform("cuda")`` (or ``"tpu"``): for the rest of the test
+  every ``lax.platform_dependent`` takes that branch (else its default), as
+  when the step is lowered for that chip, and runs it here on the CPU."""
+  def force(platform):
+    def pick(*args, default=None, **branches):
+      return branches.get(platform, default)(*args)
+    monkeypatch.setattr(jax.lax, "platform_dependent", pick)
+  return force

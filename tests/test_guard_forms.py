@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax import lax
 
 import gradtransforms as gt
-from gradtransforms import _layout, _norms, _output_check, _sums, _xla
+from gradtransforms import _layout, _output_check, _xla
 
 FORMS = {"rows": _output_check._sums_and_finite_rows,
          "plain": _output_check._sums_and_finite_plain}
@@ -64,19 +63,6 @@ def test_fused_output_check_on_an_empty_tree(form):
   assert float(sums.total) == 0 and bool(ok)
 
 
-def _cuda_forms(monkeypatch):
-  """Every ``platform_dependent`` of the guard takes its CUDA (else default)
-  branch, as when lowered for a GPU."""
-  def pick(*args, cpu=None, default=None, **platforms):
-    del cpu
-    return platforms.get("cuda", default)(*args)
-  fake = type("L", (), {
-      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("_")},
-      "platform_dependent": staticmethod(pick)})
-  for module in (_xla, _output_check, _norms, _sums):
-    monkeypatch.setattr(module, "lax", fake)
-
-
 CASES = {  # (params, gradient sequence, inner)
     "float16_adam": ({"a": jnp.ones(3, jnp.float16)},
                      [{"a": jnp.full(3, 1e-4, jnp.float16)}], lambda: optax.adam(1e-3)),
@@ -103,10 +89,10 @@ def _train(tx, params, grads):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_gpu_form_of_the_default_guard_equals_the_cpu_form(case, monkeypatch):
+def test_gpu_form_of_the_default_guard_equals_the_cpu_form(case, force_platform):
   params, grads, inner = CASES[case]
   ref = _train(gt.guard(inner()), params, grads)
-  _cuda_forms(monkeypatch)
+  force_platform("cuda")
   got = _train(gt.guard(inner()), params, grads)
   for a, b in ((ref[0], got[0]), (ref[1].inner_state, got[1].inner_state)):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -120,7 +106,7 @@ def test_gpu_form_of_the_default_guard_equals_the_cpu_form(case, monkeypatch):
 
 @pytest.mark.parametrize("name", ["monitor", "detect_spikes", "guard_spike",
                                   "rewind"])
-def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
+def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, force_platform):
   """``_xla.read_once`` (GPU: the old scalars read as one stacked vector)
   changes no figure: states after good, NaN and spiking steps are equal to
   the CPU form's bit for bit."""
@@ -147,19 +133,19 @@ def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, monkeypatch):
       out.append(s)
     return out
   ref = states()
-  _cuda_forms(monkeypatch)
+  force_platform("cuda")
   for a, b in zip(ref, states(), strict=True):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(monkeypatch):
+def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(force_platform):
   """``_xla.read_once``'s GPU form packs scalars of one width into one
   unsigned vector (their bits): float32 NaN payloads, -0.0, Inf, int32
   extremes, bools, float16/bfloat16 and int8 come back as they were, with
   their dtypes; arrays and a lone scalar of its width pass as they are, and
   ``restore`` gives back the original leaf where a scalar is passed on."""
-  _cuda_forms(monkeypatch)
+  force_platform("cuda")
   nan = np.frombuffer(np.uint32(0x7FC00123).tobytes(), np.float32)[0]
   state = {"f": jnp.float32(nan), "z": jnp.float32(-0.0),
            "inf": jnp.float32(-jnp.inf), "i": jnp.int32(-2**31),
@@ -180,12 +166,12 @@ def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(monkeypatch):
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_scalar_read_keeps_keys_and_complex_scalars(gpu, monkeypatch):
+def test_scalar_read_keeps_keys_and_complex_scalars(gpu, force_platform):
   """PRNG keys (an extended dtype) and complex scalars have no unsigned
   word: two or more of each are stacked as they are (an inner optimizer
   may keep a key in its state: ``guard`` reads it once)."""
   if gpu:
-    _cuda_forms(monkeypatch)
+    force_platform("cuda")
   state = {"k1": jax.random.key(0), "k2": jax.random.key(1),
            "c1": jnp.complex64(1 + 2j), "c2": jnp.complex64(-3j),
            "f": jnp.float32(1.5), "g": jnp.float32(2.5)}
@@ -201,7 +187,7 @@ def test_scalar_read_keeps_keys_and_complex_scalars(gpu, monkeypatch):
 
 @pytest.mark.parametrize("action", ["skip", "zero", "rescale"])
 @pytest.mark.parametrize("check", ["updates", "gradients"])
-def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, monkeypatch):
+def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, force_platform):
   """The CPU form (the output checked in a ``lax.cond``, the step taken in
   place: ``_in_place.step``, the reset to a fresh inner state selected
   there too) against the GPU form (selects after ``inner``): params, every
@@ -231,7 +217,7 @@ def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, monkeypatch
     return out
   ref = run()
   assert int(ref[-1][1].resets) >= 1 and int(ref[-1][1].skipped) >= 2
-  _cuda_forms(monkeypatch)
+  force_platform("cuda")
   for (p_a, s_a), (p_b, s_b) in zip(ref, run(), strict=True):
     exact = (p_a, s_a._replace(detector=None)), (p_b, s_b._replace(detector=None))
     for x, y in zip(*map(jax.tree.leaves, exact), strict=True):
@@ -239,18 +225,6 @@ def test_cpu_in_place_step_equals_the_gpu_select_form(action, check, monkeypatch
     # the GPU form's fused sums of squares add in another order
     for x, y in zip(*map(jax.tree.leaves, (s_a.detector, s_b.detector)), strict=True):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5)
-
-
-def _tpu_norms(monkeypatch):
-  """The sums' ``platform_dependent`` (``_sums``, ``_norms``) take their
-  TPU branch."""
-  def pick(*args, default=None, **platforms):
-    return platforms.get("tpu", default)(*args)
-  fake = type("L", (), {
-      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("_")},
-      "platform_dependent": staticmethod(pick)})
-  for module in (_norms, _sums):
-    monkeypatch.setattr(module, "lax", fake)
 
 
 def _norm_grads(dtype, bad):
@@ -263,7 +237,7 @@ def _norm_grads(dtype, bad):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_recorded_norms_tpu_form_within_bfloat16_rounding(monkeypatch, dtype):
+def test_recorded_norms_tpu_form_within_bfloat16_rounding(force_platform, dtype):
   """monitor's per-leaf (and per-layer) norms and detect_spikes' global
   norm under the TPU form: bfloat16 leaves within 2**-7 of NumPy's float64
   norms (squares and sum each rounded to bfloat16); float16 and float32
@@ -274,7 +248,7 @@ def test_recorded_norms_tpu_form_within_bfloat16_rounding(monkeypatch, dtype):
   tx = gt.monitor(per_leaf=True, layer_axes={"s": 0})
   step = jax.jit(tx.update)
   defaults = [step(g, tx.init(g))[1] for _, g in cases]
-  _tpu_norms(monkeypatch)  # new transforms: jit caches the traces above
+  force_platform("tpu")  # new transforms: jit caches the traces above
   tx = gt.monitor(per_leaf=True, layer_axes={"s": 0})
   step = jax.jit(tx.update)
   det = gt.detect_spikes()

@@ -180,16 +180,13 @@ def test_per_example_clip_with_batch_split_over_devices(mesh):
 @pytest.mark.parametrize("name", ["clip_by_global_norm", "clip_by_leaf_norm",
                                   "clip_by_block_rms", "adagc", "clippy",
                                   "monitor", "detect_spikes"])
-def test_gpu_form_with_axis_name_matches_single_device(mesh, name, monkeypatch):
+def test_gpu_form_with_axis_name_matches_single_device(mesh, name,
+                                                      force_platform):
   """The GPU form (sums and peaks finished by shape group, the collective
   on the finished vectors: ``_sums.finish``), taken on every
   ``platform_dependent`` here, inside ``shard_map`` on FSDP shards: the
   single-device numbers."""
-  def pick(*args, cpu=None, default=None, **platforms):
-    del cpu
-    return platforms.get("cuda", default)(*args)
-  _check_shard_map(mesh, name, lambda: monkeypatch.setattr(
-      jax.lax, "platform_dependent", pick))
+  _check_shard_map(mesh, name, lambda: force_platform("cuda"))
 
 
 @pytest.mark.parametrize("where", [0, 3, 7])

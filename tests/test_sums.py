@@ -102,18 +102,6 @@ def test_grouped_sums_of_an_empty_tree():
   assert got.stacked.shape == (0,) and float(got.total) == 0
 
 
-def _gpu_forms(monkeypatch):
-  """Every ``platform_dependent`` takes its CUDA branch (else its default),
-  as when lowered for a GPU."""
-  real = jax.lax.platform_dependent
-
-  def pick(*args, cpu=None, default=None, **platforms):
-    del cpu
-    return platforms.get("cuda", default)(*args)
-  monkeypatch.setattr(jax.lax, "platform_dependent", pick)
-  return real
-
-
 TRANSFORMS = {
     "monitor": lambda ax: gt.monitor(per_leaf=True, layer_axes=ax),
     "detect_spikes": lambda ax: gt.detect_spikes(warmup_steps=1, layer_axes=ax),
@@ -128,7 +116,7 @@ TRANSFORMS = {
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 @pytest.mark.parametrize("stacked", [False, True])
 def test_gpu_form_of_each_sum_reader_matches_the_default(name, stacked,
-                                                         monkeypatch):
+                                                         force_platform):
   """Updates and every state leaf of the GPU form (sums finished by shape
   group) equal the default form's to float32 rounding, over three steps
   (the second with a NaN entry in one leaf, the third a spike), on leaves
@@ -151,7 +139,7 @@ def test_gpu_form_of_each_sum_reader_matches_the_default(name, stacked,
       outs.append((u, s))
     return outs
   ref = run()
-  _gpu_forms(monkeypatch)
+  force_platform("cuda")
   for a, b in zip(ref, run(), strict=True):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-6,
