@@ -38,23 +38,6 @@ class AdaGCState(NamedTuple):
     return self.scale.count_below(1)
 
 
-def _sums_of(leaves, lay, axis_name):
-  """The stacked per-leaf sums of squares and their total: on GPU finished
-  by shape group (``_sums.grouped``)."""
-  def stacked(*xs):
-    sq = _layout.stack(_norms.leaf_sumsq(xs, lay, axis_name))
-    if any(a is not None for a in lay.axes):
-      # XLA otherwise splits this total back into one reduction of each
-      # leaf's (L,) sums, a kernel per leaf (H100 6x4: 25 -> 20)
-      return sq, jnp.sum(jax.lax.optimization_barrier(sq))
-    return sq, jnp.sum(sq)
-
-  def gpu(*xs):
-    return tuple(_sums.grouped(xs, lay.axes, _norms.sumsq, axis_name))
-  return jax.lax.platform_dependent(*leaves, cuda=gpu, rocm=gpu,
-                                    default=stacked)
-
-
 def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
           warmup_steps: int = 100, max_norm: float = 1.0, *,
           layer_axes: LayerAxes = None, axis_name: str | None = None
@@ -117,7 +100,7 @@ def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
     lay = _layout.layout(updates, layer_axes)
     _layout.check_names(lay, state.gamma, "adagc")
     # The threshold logic runs once on the stacked vectors.
-    sq, total = _sums_of(leaves, lay, axis_name)
+    sq, total = _sums.sums(leaves, lay, axis_name)
     g_norm = jnp.sqrt(total)
     g_ok = jnp.isfinite(g_norm)
     warm = state.observed < warmup_steps
