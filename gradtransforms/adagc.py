@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks, _layout, _norms, _stats, _sums, _xla
+from gradtransforms import _checks, _layout, _norms, _read_once, _stats, _sums, _xla
 from gradtransforms._layout import LayerAxes, PerLeaf
 from gradtransforms._registry import register
 
@@ -93,6 +93,7 @@ def adagc(relative_threshold: float = 1.05, decay: float = 0.98,
         step=i, observed=i, gamma=_layout.zeros(lay), sumsq=_layout.zeros(lay),
         scale=_layout.zeros(lay, fill=1.0)))
 
+  @_read_once.reads_once
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
+from gradtransforms import _read_once
 from gradtransforms import _norms
 from gradtransforms import _stats
 from gradtransforms import _xla
@@ -70,6 +71,7 @@ def autoclip(percentile: float = 10.0, history: int = 10_000, *,
                          observed=jnp.zeros((), jnp.int32), norm=z,
                          threshold=z, clipped=jnp.zeros((), jnp.bool_))
 
+  @_read_once.reads_once
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)

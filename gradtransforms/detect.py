@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import optax
 
-from gradtransforms import _checks, _events, _spikes, _xla
+from gradtransforms import _checks, _events, _read_once, _spikes, _xla
 from gradtransforms._layout import LayerAxes
 from gradtransforms._spikes import DetectSpikesState
 
@@ -80,7 +80,7 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
   def update_fn(updates, state, params=None, **extra):
     del params
     _checks.float_leaves("updates", updates)
-    state, restore = _xla.read_once(state)
+    state, restore = _read_once.read_once(state)
     new = restore(_spikes.observe(state, updates, extra.get("value"), **kw))
     _events.emit(on_event, new.norm_spike | new.loss_spike | new.nonfinite
                  | new.layer_spike | new.sigma_spike,

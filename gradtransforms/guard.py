@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import (_events, _layout, _norms, _output_check, _spikes,
-                            _stats, _xla)
+from gradtransforms import (_events, _layout, _norms, _output_check,
+                            _read_once, _spikes, _stats, _xla)
 from gradtransforms._layout import LayerAxes
 from gradtransforms._registry import register
 
@@ -274,7 +274,7 @@ def guard(inner: optax.GradientTransformation,
   def update_fn(updates, state, params=None, **extra):
     loss = _entry_checks(updates, params, extra, reset_inner_state, triggers)
     inner_once = _xla.traced_once(inner)
-    state, restore = _xla.read_once(state)
+    state, restore = _read_once.read_once(state)
     det, out_ok = _observe(inner_once, updates, state, params, extra, loss, kw,
                            fused=check_out and action == "skip")
     updates, det = _xla.detach(updates, restore(det))

@@ -10,6 +10,7 @@ import optax
 
 from gradtransforms import _checks
 from gradtransforms import _norms
+from gradtransforms import _read_once
 from gradtransforms import _stats
 from gradtransforms import _xla
 from gradtransforms._registry import register
@@ -80,6 +81,7 @@ def with_moment_reset(inner: optax.GradientTransformation, interval: int = 500
                             resets=jnp.zeros((), jnp.int32),
                             inner_state=inner_state)
 
+  @_read_once.reads_once
   def update_fn(updates, state, params=None, **extra):
     # (no reset once step has saturated: step % interval would stay fixed)
     due = ((state.step > 0) & (state.step % interval == 0) &

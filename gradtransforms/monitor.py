@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks, _layout, _norms, _stats, _xla
+from gradtransforms import _checks, _layout, _norms, _read_once, _stats, _xla
 from gradtransforms._layout import LayerAxes, PerLeaf
 from gradtransforms._registry import register
 
@@ -109,7 +109,7 @@ def monitor(per_leaf: bool = False, decay: float = 0.98, *,
 
   def update_fn(updates, state, params=None):
     _checks.float_leaves("updates", updates)
-    state, restore = _xla.read_once(state)
+    state, restore = _read_once.read_once(state)
     if update_ratio:
       _checks.needs_params("monitor(update_ratio=True)", params)
     leaves = jax.tree.leaves(updates)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradtransforms import _checks, _norms, _stats, _xla
+from gradtransforms import _checks, _norms, _read_once, _stats, _xla
 from gradtransforms._registry import register
 
 
@@ -276,6 +276,7 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   if not callable(learning_rate):
     _checks.nonnegative("learning_rate", learning_rate)
 
+  @_read_once.reads_once
   def update_fn(updates, state, params=None):
     _checks.float_leaves("updates", updates)
     if weight_decay:
@@ -285,9 +286,8 @@ def spam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     # once, as operands of every leaf's loop (CPU: else each recomputes it)
     sc = _xla.operands(sc, state.step)
     leaves, treedef = jax.tree.flatten(updates)
-    u, mu, nu, excess = _leaves(sc, b1, b2, eps, weight_decay, leaves,
-                                *(treedef.flatten_up_to(x) for x in (
-                                    state.adam.mu, state.adam.nu)),
+    own = [treedef.flatten_up_to(x) for x in (state.adam.mu, state.adam.nu)]
+    u, mu, nu, excess = _leaves(sc, b1, b2, eps, weight_decay, leaves, *own,
                                 treedef.flatten_up_to(params)
                                 if weight_decay else [None] * len(leaves))
     max_excess = jnp.where(sc.active, jnp.max(_xla.kept(jnp.stack(  # once

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
+from gradtransforms import _read_once
 from gradtransforms import _collectives
 from gradtransforms import _norms
 from gradtransforms import _stats
@@ -176,6 +177,7 @@ def spike_clip(threshold: float = 5000.0, decay: float = 0.999, *,
                           clipped=jnp.zeros((), jnp.bool_),
                           max_excess=jnp.zeros((), jnp.float32))
 
+  @_read_once.reads_once
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)

@@ -21,6 +21,7 @@ import optax
 
 from gradtransforms import _checks
 from gradtransforms import _norms
+from gradtransforms import _read_once
 from gradtransforms import _stats
 from gradtransforms import _xla
 from gradtransforms._registry import register
@@ -144,6 +145,7 @@ def zclip(decay: float = 0.97, z_thresh: float = 2.5,
                       observed=jnp.zeros((), jnp.int32), mean=z, var=z, norm=z,
                       threshold=z, clipped=f, spike=f, zscore=z)
 
+  @_read_once.reads_once
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import gradtransforms as gt
-from gradtransforms import _layout, _output_check, _xla
+from gradtransforms import _layout, _output_check, _read_once
 
 FORMS = {"rows": _output_check._sums_and_finite_rows,
          "plain": _output_check._sums_and_finite_plain}
@@ -107,7 +107,7 @@ def test_gpu_form_of_the_default_guard_equals_the_cpu_form(case, force_platform)
 @pytest.mark.parametrize("name", ["monitor", "detect_spikes", "guard_spike",
                                   "rewind"])
 def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, force_platform):
-  """``_xla.read_once`` (GPU: the old scalars read as one stacked vector)
+  """``_read_once.read_once`` (GPU: the old scalars read as one stacked vector)
   changes no figure: states after good, NaN and spiking steps are equal to
   the CPU form's bit for bit."""
   make = {"monitor": lambda: optax.chain(gt.monitor(per_leaf=True), optax.sgd(0.1)),
@@ -140,7 +140,7 @@ def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, force_platform):
 
 
 def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(force_platform):
-  """``_xla.read_once``'s GPU form packs scalars of one width into one
+  """``_read_once.read_once``'s GPU form packs scalars of one width into one
   unsigned vector (their bits): float32 NaN payloads, -0.0, Inf, int32
   extremes, bools, float16/bfloat16 and int8 come back as they were, with
   their dtypes; arrays and a lone scalar of its width pass as they are, and
@@ -155,7 +155,7 @@ def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(force_platform):
            "v": jnp.arange(3.0)}
 
   def f(s):
-    read, restore = _xla.read_once(s)
+    read, restore = _read_once.read_once(s)
     return read, restore({**read, "u": read["u"]})
   for out in jax.jit(f)(state):
     assert jax.tree.structure(out) == jax.tree.structure(state)
@@ -175,7 +175,7 @@ def test_scalar_read_keeps_keys_and_complex_scalars(gpu, force_platform):
   state = {"k1": jax.random.key(0), "k2": jax.random.key(1),
            "c1": jnp.complex64(1 + 2j), "c2": jnp.complex64(-3j),
            "f": jnp.float32(1.5), "g": jnp.float32(2.5)}
-  read = jax.jit(lambda s: _xla.read_once(s)[0])(state)
+  read = jax.jit(lambda s: _read_once.read_once(s)[0])(state)
   for k in ("k1", "k2"):
     assert jax.dtypes.issubdtype(read[k].dtype, jax.dtypes.prng_key), k
     np.testing.assert_array_equal(jax.random.key_data(read[k]),

@@ -206,7 +206,7 @@ def test_plain_step_costs_the_guards_plus_one_snapshot_read(platform, layers):
   assert got.by_op.get("while") == 1
   # + the loop, + one per dtype of the packed scalars (the TPU unpacks each
   # in a kernel); on GPU the same (measured 4; 12 before the old scalars
-  # were packed by width, _xla.read_once, and the sums finished by shape
+  # were packed by width, _read_once.read_once, and the sums finished by shape
   # group, _sums: the guard's scalars passed through rewind's loop and
   # selects had cost kernels of their own)
   extra = 1 + 3

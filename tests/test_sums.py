@@ -8,6 +8,7 @@ finished the same way) gives the default form's numbers."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gradtransforms as gt
@@ -111,16 +112,28 @@ TRANSFORMS = {
     "adagc": lambda ax: gt.adagc(warmup_steps=1, layer_axes=ax),
     "clippy": lambda ax: gt.clippy(0.5, layer_axes=ax),  # peaks, not sums
 }
+# no layer axes; their old scalars are read once on GPU (_read_once)
+READ_ONCE = {
+    "zclip": lambda ax: gt.zclip(warmup_steps=1),
+    "autoclip": lambda ax: gt.autoclip(50.0, history=8),
+    "quantile_clip": lambda ax: gt.quantile_clip(),
+    "spike_clip": lambda ax: gt.spike_clip(threshold=4.0),
+    "spam": lambda ax: gt.spam(1e-2, warmup_steps=1, interval=2),
+    "with_moment_reset": lambda ax: gt.with_moment_reset(optax.adam(0.1), 2),
+}
+TRANSFORMS.update(READ_ONCE)
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("name,stacked", [
+    (n, st) for n in sorted(TRANSFORMS)
+    for st in ((False,) if n in READ_ONCE else (False, True))])
 def test_gpu_form_of_each_sum_reader_matches_the_default(name, stacked,
                                                          force_platform):
   """Updates and every state leaf of the GPU form (sums finished by shape
-  group) equal the default form's to float32 rounding, over three steps
-  (the second with a NaN entry in one leaf, the third a spike), on leaves
-  of interleaved shapes, per layer where the transform takes layer axes."""
+  group, old scalars read once) equal the default form's to float32
+  rounding, over three steps (the second with a NaN entry in one leaf, the
+  third a spike), on leaves of interleaved shapes, per layer where the
+  transform takes layer axes."""
   rng = np.random.default_rng(3)
   shapes = {"a": (5, 130), "b": (3, 4, 2), "c": (7,), "d": (5, 130),
             "e": (3, 6, 40), "f": ()}
