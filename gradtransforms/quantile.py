@@ -10,7 +10,6 @@ import numpy as np
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _read_once
 from gradtransforms import _norms
 from gradtransforms import _xla
 from gradtransforms._registry import register
@@ -72,7 +71,6 @@ def quantile_clip(target_quantile: float = 0.5, learning_rate: float = 0.2,
     return QuantileClipState(clip=jnp.asarray(initial_clip, jnp.float32),
                              norm=z, threshold=z, clipped=jnp.zeros((), jnp.bool_))
 
-  @_read_once.reads_once
   def update_fn(updates, state, params=None):
     del params
     _checks.float_leaves("updates", updates)

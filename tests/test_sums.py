@@ -116,7 +116,6 @@ TRANSFORMS = {
 READ_ONCE = {
     "zclip": lambda ax: gt.zclip(warmup_steps=1),
     "autoclip": lambda ax: gt.autoclip(50.0, history=8),
-    "quantile_clip": lambda ax: gt.quantile_clip(),
     "spike_clip": lambda ax: gt.spike_clip(threshold=4.0),
     "spam": lambda ax: gt.spam(1e-2, warmup_steps=1, interval=2),
     "with_moment_reset": lambda ax: gt.with_moment_reset(optax.adam(0.1), 2),
