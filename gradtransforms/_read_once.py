@@ -29,22 +29,23 @@ def _packable(x: Any) -> bool:
       dt, jnp.floating)
 
 
-def _width(x: Any) -> Any:
+def _width(x: Any, bool_bytes: int = 1) -> Any:
   """A scalar's stacking key in :func:`read_once`: ``("bits", bytes)`` (a
-  bool's: one) where its bits travel as the unsigned integer of that width
-  (``_to_bits``); else ``("dtype", dtype)``, stacked as it is."""
-  if _packable(x):
-    return ("bits", jnp.dtype(jnp.result_type(x)).itemsize)
-  return ("dtype", jnp.result_type(x))
-
-
-def _to_bits(x: jax.Array) -> jax.Array:
+  bool's: ``bool_bytes``) where its bits travel as the unsigned integer of
+  that width (``_to_bits``); else ``("dtype", dtype)``, stacked as it is."""
   if not _packable(x):
+    return ("dtype", jnp.result_type(x))
+  if jnp.result_type(x) == jnp.bool_:
+    return ("bits", bool_bytes)
+  return ("bits", jnp.dtype(jnp.result_type(x)).itemsize)
+
+
+def _to_bits(x: jax.Array, key: Any) -> jax.Array:
+  if key[0] != "bits":
     return x
-  dt = jnp.result_type(x)
-  if dt == jnp.bool_:
-    return x.astype(jnp.uint8)
-  return lax.bitcast_convert_type(x, _UINT[jnp.dtype(dt).itemsize])
+  if jnp.result_type(x) == jnp.bool_:
+    return x.astype(_UINT[key[1]])
+  return lax.bitcast_convert_type(x, _UINT[key[1]])
 
 
 def _from_bits(b: jax.Array, like: jax.Array) -> jax.Array:
@@ -56,14 +57,19 @@ def _from_bits(b: jax.Array, like: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(b, dt)
 
 
-def read_once(state: Any) -> tuple[Any, Any]:
+def read_once(state: Any, bools_as_words: bool = False) -> tuple[Any, Any]:
   """``(state', restore)``: on GPU the scalar leaves of ``state`` read
   once, as one stacked vector per width (their bits: float32 and int32
   scalars in one ``uint32`` vector, a kernel; one per dtype was a kernel
   each, monitor 6 leaves of 4 layers on an H100: 19 -> 18), behind a
   barrier, and
   ``restore(new)`` puts the original leaf back wherever ``new`` passes a
-  scalar of ``state'`` on unchanged.
+  scalar of ``state'`` on unchanged. ``bools_as_words``: the bools go
+  into the 4-byte vector too, a vector less (H100, 6 leaves of 4 layers:
+  detect_spikes 16 -> 15 kernels, guard 23 -> 22); apart by default, since
+  for rewind's own scalars that stopped XLA:GPU fusing its per-leaf
+  updates horizontally (100 leaves: 128 -> 217 kernels; 24 layers 25 ->
+  29). monitor: the same either way.
 
   XLA:GPU writes a donated scalar in place; where several kernels read the
   old value and others write the new ones it copies the old scalars first
@@ -74,7 +80,7 @@ def read_once(state: Any) -> tuple[Any, Any]:
   groups: dict[Any, list[int]] = {}
   for i, x in enumerate(leaves):
     if jnp.ndim(x) == 0:
-      groups.setdefault(_width(x), []).append(i)
+      groups.setdefault(_width(x, 4 if bools_as_words else 1), []).append(i)
   idx = [i for g in groups.values() if len(g) > 1 for i in g]
   if not idx:
     return state, lambda new: new
@@ -82,10 +88,10 @@ def read_once(state: Any) -> tuple[Any, Any]:
   def stacked(*xs):
     by = {}
     for i, x in zip(idx, xs):
-      by.setdefault(_width(x), []).append((i, x))
+      by.setdefault(_width(x, 4 if bools_as_words else 1), []).append((i, x))
     out = {}
-    for group in by.values():
-      as_u = [_to_bits(x) for _, x in group]
+    for key, group in by.items():
+      as_u = [_to_bits(x, key) for _, x in group]
       v = lax.optimization_barrier(jnp.stack(as_u))
       out.update({i: _from_bits(v[k], x) for k, (i, x) in enumerate(group)})
     return tuple(out[i] for i in idx)

@@ -80,7 +80,7 @@ def detect_spikes(z_thresh: float = 6.0, warmup_steps: int = 20,
   def update_fn(updates, state, params=None, **extra):
     del params
     _checks.float_leaves("updates", updates)
-    state, restore = _read_once.read_once(state)
+    state, restore = _read_once.read_once(state, bools_as_words=True)
     new = restore(_spikes.observe(state, updates, extra.get("value"), **kw))
     _events.emit(on_event, new.norm_spike | new.loss_spike | new.nonfinite
                  | new.layer_spike | new.sigma_spike,

@@ -274,7 +274,7 @@ def guard(inner: optax.GradientTransformation,
   def update_fn(updates, state, params=None, **extra):
     loss = _entry_checks(updates, params, extra, reset_inner_state, triggers)
     inner_once = _xla.traced_once(inner)
-    state, restore = _read_once.read_once(state)
+    state, restore = _read_once.read_once(state, bools_as_words=True)
     det, out_ok = _observe(inner_once, updates, state, params, extra, loss, kw,
                            fused=check_out and action == "skip")
     updates, det = _xla.detach(updates, restore(det))

@@ -139,12 +139,14 @@ def test_gpu_form_of_the_scalar_reads_is_bit_identical(name, force_platform):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(force_platform):
+@pytest.mark.parametrize("words", [False, True])
+def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(words, force_platform):
   """``_read_once.read_once``'s GPU form packs scalars of one width into one
   unsigned vector (their bits): float32 NaN payloads, -0.0, Inf, int32
   extremes, bools, float16/bfloat16 and int8 come back as they were, with
   their dtypes; arrays and a lone scalar of its width pass as they are, and
-  ``restore`` gives back the original leaf where a scalar is passed on."""
+  ``restore`` gives back the original leaf where a scalar is passed on.
+  ``bools_as_words``: the bools travel in the 4-byte vector."""
   force_platform("cuda")
   nan = np.frombuffer(np.uint32(0x7FC00123).tobytes(), np.float32)[0]
   state = {"f": jnp.float32(nan), "z": jnp.float32(-0.0),
@@ -155,8 +157,12 @@ def test_gpu_scalar_read_keeps_every_dtype_bit_for_bit(force_platform):
            "v": jnp.arange(3.0)}
 
   def f(s):
-    read, restore = _read_once.read_once(s)
+    read, restore = _read_once.read_once(s, bools_as_words=words)
     return read, restore({**read, "u": read["u"]})
+  text = jax.jit(f).lower(state).as_text()
+  # 5 four-byte scalars, and the 2 bools with them or with the int8
+  assert ("tensor<7xui32>" in text) == words
+  assert ("tensor<3xui8>" in text) != words
   for out in jax.jit(f)(state):
     assert jax.tree.structure(out) == jax.tree.structure(state)
     for k, x in state.items():

@@ -69,7 +69,7 @@ def _over(names, variants, platforms, metrics, reason):
           OVER[(n, v, p, m)] = reason
 
 
-_over(["detect_spikes"], ["stacked"], PLATFORMS, ["kernels"], _OTHERS)  # below
+_over(["detect_spikes"], ["stacked"], ["tpu-v5e"], ["kernels"], _OTHERS)  # below
 # guard stacked, TPU: 17 against 13 (its H100 row is within budget, 23
 # against 22, since its sums are finished by shape group, _sums.finish; 30
 # before)
@@ -92,8 +92,9 @@ _over(["clip_by_leaf_norm", "clip_by_block_rms", "adagc"], ["stacked"],
 # detector's per-layer statistics. On an H100: monitor 12 and detect_spikes
 # 16 against 15, since each leaf's row partials are finished with those of
 # the same shape in one reduction (_sums.finish; 18 and 22 finished leaf by
-# leaf). detect_spikes' one kernel over: its old scalars are read once as
-# two stacked vectors, its bools apart (_read_once.read_once).
+# leaf). detect_spikes' H100 row is 15 (within budget) since its bools are
+# read once in the 4-byte vector too (_read_once.read_once(bools_as_words));
+# at 24 layers it is 16 against 15.
 _over(["monitor"], ["stacked"], ["tpu-v5e"], ["kernels"], _MINE)
 # Entries without layer_axes on the stacked workload (3-D leaves, 6 of 4
 # layers), where a few fixed kernels weigh against a reference of 6-21:
