@@ -120,7 +120,8 @@ def _shard_map_update(mesh, tx):
   return update
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+# rewind: its own shard_map test (tests/test_rewind.py), 15 s here
+@pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - {"rewind"}))
 def test_shard_map_with_axis_name_matches_single_device(mesh, name):
   _check_shard_map(mesh, name)
 
