@@ -79,7 +79,10 @@ def read_once(state: Any, bools_as_words: bool = False) -> tuple[Any, Any]:
   leaves, tree = jax.tree.flatten(state)
   groups: dict[Any, list[int]] = {}
   for i, x in enumerate(leaves):
-    if jnp.ndim(x) == 0:
+    # a weakly typed scalar stays out: the switch that platform_dependent
+    # lowers to joins its branches' types, so it would come back strongly
+    # typed on every platform (a bfloat16 update times it: float32)
+    if jnp.ndim(x) == 0 and not getattr(jax.typeof(x), "weak_type", False):
       groups.setdefault(_width(x, 4 if bools_as_words else 1), []).append(i)
   idx = [i for g in groups.values() if len(g) > 1 for i in g]
   if not idx:

@@ -132,9 +132,10 @@ def clip_by_value(max_abs: float, *, record_peak: bool = False
   NaN, +-Inf become +-max_abs.
 
   State: :class:`ClipByValueState`: the pre-clip ``max |u|`` (NaN unless
-  ``record_peak``) and the bound. Both are written by ``init``; ``update``
-  passes them on unchanged (no kernel) but for the peak where
-  ``record_peak`` and the bound where it is traced (``inject_hyperparams``).
+  ``record_peak``) and the bound, both written every step, so a state
+  restored from another configuration or an injected bound never leaves a
+  stale figure (on an H100 two scalar writes, a kernel each; passing them
+  on unchanged saved both but reported a restored run's old bound).
 
   Args:
     max_abs: the bound, >= 0.
@@ -162,18 +163,13 @@ def clip_by_value(max_abs: float, *, record_peak: bool = False
         threshold=jnp.asarray(max_abs, jnp.float32))
 
   def update_fn(updates, state, params=None):
-    del params
+    del state, params
     _checks.ints_as_float("updates", updates)  # dtype check only
-    new = jax.tree.map(_clip_leaf, updates)
-    if isinstance(max_abs, jax.core.Tracer):  # injected: written every step
-      threshold = jnp.asarray(max_abs, jnp.float32)
-    else:  # init wrote it: kept, as NaN is without record_peak (XLA:GPU
-      # copies a constant into its donated buffer, a kernel each: 8 -> 10
-      # kernels for 6 leaves of 24 layers)
-      threshold = jnp.asarray(state.threshold, jnp.float32)
     peak = (_norms.max_abs(updates) if record_peak
-            else jnp.asarray(state.max_abs, jnp.float32))
-    return new, ClipByValueState(max_abs=peak, threshold=threshold)
+            else jnp.asarray(jnp.nan, jnp.float32))
+    new = jax.tree.map(_clip_leaf, updates)
+    return new, ClipByValueState(max_abs=peak,
+                                 threshold=jnp.asarray(max_abs, jnp.float32))
 
   return optax.GradientTransformation(
       init_fn, _checks.state_optional(init_fn, update_fn))

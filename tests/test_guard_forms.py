@@ -279,3 +279,38 @@ def test_recorded_norms_tpu_form_within_bfloat16_rounding(force_platform, dtype)
     key = [k for k in det_norm if k.endswith("norm")][0]
     np.testing.assert_allclose(float(det_norm[key]), total, rtol=2 ** -7)
     assert np.isfinite(float(tpu.norm)) == (bad is None), bad
+
+
+def _weak_scale():
+  """An inner transformation whose state holds weakly typed scalars (as
+  optax's line searches keep), one of them multiplying the update."""
+  init = lambda p: {"scale": jnp.asarray(0.5), "n": jnp.asarray(0.0)}
+
+  def update(u, s, p=None):
+    return jax.tree.map(lambda x: x * s["scale"], u), {**s, "n": s["n"] + 1}
+  return optax.GradientTransformation(init, update)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("wrap", ["guard", "with_moment_reset"])
+def test_read_once_keeps_weak_scalars_weak(wrap, gpu, force_platform):
+  """A weakly typed scalar of an inner state is not read once: it stays
+  weak (a bfloat16 update times it stays bfloat16) and the jitted step
+  compiles once, on both forms (packed, the platform switch made it strong
+  on every platform: float32 updates and a second compile)."""
+  if gpu:
+    force_platform("cuda")
+  inner = optax.chain(_weak_scale(), optax.adam(1e-2))
+  tx = (gt.guard(inner) if wrap == "guard"
+        else gt.with_moment_reset(inner, 2))
+  p = {"w": jnp.ones(3, jnp.bfloat16)}
+  s = tx.init(p)
+  step = jax.jit(tx.update)
+  u, s2 = step(p, s, p)
+  _, s3 = step(p, s2, p)
+  assert u["w"].dtype == jnp.bfloat16
+  for new in (s2, s3):
+    weak = [x.weak_type for x in jax.tree.leaves(new) if jnp.ndim(x) == 0
+            and x.dtype == jnp.float32 and x.weak_type]
+    assert len(weak) == 2
+  assert step._cache_size() == 1

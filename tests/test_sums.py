@@ -156,3 +156,24 @@ def test_gpu_form_of_each_sum_reader_matches_the_default(name, stacked,
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-6,
                                  atol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_spike_clip_row_excess_is_numpy_in_the_leaf_dtype(dtype, force_platform):
+  """spike_clip's GPU form of ``max(|g| - b)`` (each leaf's row maxima, then
+  one max) equals NumPy's in the leaves' own dtype, NaN kept, for leaves of
+  rank 1-3 and an empty one (a float32 reduction of 16-bit ``|g| - b`` let
+  XLA skip their rounding)."""
+  import importlib
+  from gradtransforms import _xla
+  sc = importlib.import_module("gradtransforms.spike_clip")  # the module
+  rng = np.random.default_rng(4)
+  shapes = [(1000,), (2, 3, 50), (0,), (7, 130)]
+  gs = [jnp.asarray(rng.normal(size=s) * 3, dtype) for s in shapes]
+  bs = [jnp.asarray(np.abs(rng.normal(size=s)), dtype) for s in shapes]
+  force_platform("cuda")
+  f = jax.jit(lambda g, b: sc._excess(g, b, _xla.per_leaf(sc._leaf_excess)))
+  for g in (gs, [gs[0].at[3].set(jnp.nan)] + gs[1:]):
+    want = max(np.max(np.abs(np.asarray(x)) - np.asarray(y)).astype(np.float32)
+               for x, y in zip(g, bs) if x.size)
+    np.testing.assert_array_equal(np.asarray(f(g, bs)), np.float32(want))
