@@ -75,7 +75,8 @@ def read_once(state: Any, bools_as_words: bool = False) -> tuple[Any, Any]:
   old value and others write the new ones it copies the old scalars first
   (a kernel each; ``guard``: ~15). Read once, the old values have one
   reader, before every writer. On CPU and TPU (where the stacking costs
-  more kernels than it saves) ``state`` is returned as it is."""
+  more kernels than it saves) ``state`` is returned as it is. Weakly typed
+  scalars are never packed (see below)."""
   leaves, tree = jax.tree.flatten(state)
   groups: dict[Any, list[int]] = {}
   for i, x in enumerate(leaves):
