@@ -175,6 +175,7 @@ def leaf_scales(fn: Any, leaves: Sequence[jax.Array], lay: _layout.Layout,
     return segment_scales(fn, parts, st, lay), st
   return lax.platform_dependent(*leaves, cuda=gpu, rocm=gpu, default=other)
 
+
 def segment_scales(fn: Any, parts: Sequence[jax.Array], stacked: jax.Array,
                    lay: _layout.Layout) -> list[jax.Array]:
   """Each leaf's scale(s), ``fn`` (elementwise) of its own figure

@@ -102,9 +102,17 @@ def finish(rows: Sequence[jax.Array], axis_name: str | None = None,
 
 
 def _reduce_last(x: jax.Array, peak: bool) -> jax.Array:
-  if peak:  # a plain max reduction from 0 (as clippy's per leaf)
-    return lax.reduce(x, jnp.zeros((), x.dtype), lax.max, (x.ndim - 1,))
+  if peak:
+    return max_from_zero(x, (x.ndim - 1,))
   return jnp.sum(x, axis=-1).astype(F32)
+
+
+def max_from_zero(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """The max of ``x`` (non-negative figures: norms, ratios) over ``axes``,
+  0 where empty, NaN kept: a plain max reduction from 0, where
+  ``jnp.max``'s ``initial`` adds a maximum after it (a kernel per leaf on
+  TPU; per_example_clip, H100 6 x 4 layers: 19 -> 18)."""
+  return lax.reduce(x, jnp.zeros((), x.dtype), lax.max, tuple(axes))
 
 
 def _in_row_order(values: jax.Array, shapes: Sequence[tuple], order: list[int]

@@ -133,20 +133,16 @@ def _ratio(b: _Bound, u: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _peak(b: _Bound, u: jax.Array, w: jax.Array, axis: int | None) -> jax.Array:
-  """A leaf's (per layer slice) max of :func:`_ratio`: a plain max
-  reduction from 0 (``jnp.max``'s ``initial`` adds a maximum after it, a
-  kernel per leaf on TPU)."""
-  au = _ratio(b, u, w)
+  """A leaf's (per layer slice) max of :func:`_ratio`."""
   axes = _layout.reduce_axes(u, axis)
-  return jax.lax.reduce(au, jnp.zeros((), au.dtype), jax.lax.max,
-                        tuple(range(u.ndim)) if axes is None else axes)
+  return _sums.max_from_zero(_ratio(b, u, w),
+                             range(u.ndim) if axes is None else axes)
 
 
 def _row_peaks(b: _Bound, u: jax.Array, w: jax.Array, view: tuple) -> jax.Array:
   """The GPU form's row partials of :func:`_peak` (``_sums.row_view``)."""
-  au = _ratio(b, u.reshape(view), w.reshape(view))
-  return jax.lax.reduce(au, jnp.zeros((), au.dtype), jax.lax.max,
-                        (len(view) - 1,))
+  return _sums.max_from_zero(_ratio(b, u.reshape(view), w.reshape(view)),
+                             (len(view) - 1,))
 
 
 def _scale(b: _Bound, m: jax.Array) -> jax.Array:

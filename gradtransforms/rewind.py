@@ -9,7 +9,7 @@ snapshot's params (``where(r, s - p, u)``, fused into the caller's
 ``apply_updates``); the rare work is one ``while_loop`` of 0 or 1 trips,
 one kernel (on GPU a host sync) that copies nothing (how:
 ``_snapshot.py``). 100 leaves, ``rewind(guard(adam))`` against
-``guard(adam)``: H100 227 kernels (its scalars read once, ``_read_once.read_once``;
+``guard(adam)``: H100 227 kernels (scalars read once, ``_read_once``;
 327 before) against 311 (``apply_if_finite`` 306), TPU v5e 208 against 204
 (201); DRAM bytes 1.57x Adam's against 1.43x (+0.14: the snapshot read). A
 loop trip moves 2.3x Adam's bytes more. XLA:CPU: as the guard, one leaf's
@@ -181,7 +181,7 @@ def rewind(inner: optax.GradientTransformation, every: int = 100, *,
       raise ValueError("rewind(patience=...) needs the loss: call "
                        "update(grads, state, params, value=loss)")
     trees = dict.fromkeys(("snapshot", "snapshot_inner", "inner_state"))
-    own, restore = _read_once.read_once(state._replace(**trees))  # GPU: own scalars
+    own, restore = _read_once.read_once(state._replace(**trees))  # GPU
     state = own._replace(**{k: getattr(state, k) for k in trees})
     pre = _pending(cfg, state, params)
     u, inner_state = inner.update(updates, pre["inner"], params, **extra)

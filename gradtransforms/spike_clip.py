@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from gradtransforms import _checks
-from gradtransforms import _read_once
 from gradtransforms import _collectives
 from gradtransforms import _norms
+from gradtransforms import _read_once
 from gradtransforms import _stats
 from gradtransforms import _sums
 from gradtransforms import _xla
